@@ -1,0 +1,242 @@
+//! impression-server collects impressions and events from front-end apps into visitor sessions
+//! and writes each closed session as one Avro record into hourly partition files.
+//!
+//! The parts, in the order data flows through them:
+//!
+//! - [`config`]: the command line and environment, checked once at start.
+//! - [`api`]: the HTTP router; `POST /v1/collect` and the operations endpoints.
+//! - [`batch`]: parsing and validation of a request body into session items.
+//! - [`session`]: the sharded map of active sessions and their expiry.
+//! - [`avro`]: the record schema from `proto/session.avsc` and the encoding.
+//! - [`writer`]: one open Avro file per UTC hour, on a thread of its own.
+//! - [`store`]: where finished files are published.
+//! - [`clock`]: the wall clock behind every time written into a record.
+//!
+//! [`run`] wires them together and owns every task it starts, until shutdown.
+
+pub mod api;
+pub mod avro;
+pub mod batch;
+pub mod clock;
+pub mod config;
+pub mod session;
+pub mod store;
+pub mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::api::AppState;
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::session::{CloseReason, SessionLimits, SessionStore};
+use crate::store::{LocalDirStore, ObjectStore, StoreError};
+use crate::writer::{FinishedFile, PartitionWriter, WriterCommand, WriterReport, WriterSettings};
+
+/// How often the sweeper closes expired sessions.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// First wait before a failed publish is retried; it doubles up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// A failure that stops the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("output {output} is not writable: {source}")]
+    Storage {
+        output: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// What happened at shutdown; the process exits 0 only when nothing is left behind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    pub sessions_closed: usize,
+    pub files_written: u64,
+    pub files_published: u64,
+    /// Files written but not published in time; they stay in the staging directory.
+    pub files_left: u64,
+    /// Sessions that could not be encoded or written.
+    pub sessions_lost: u64,
+}
+
+impl ShutdownReport {
+    /// Returns whether everything accepted reached the output.
+    pub fn is_complete(&self) -> bool {
+        self.files_left == 0 && self.sessions_lost == 0
+    }
+}
+
+/// Counts shared by the publisher and the shutdown report.
+#[derive(Debug, Default)]
+struct PublishCounts {
+    files: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Runs the server on `listener` until `shutdown` completes, then closes every session, writes
+/// and publishes every file, and reports what happened.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Arc<dyn Clock>,
+) -> Result<ShutdownReport, StartError> {
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalDirStore::new(&settings.output_dir));
+    store.check().await.map_err(|source| StartError::Storage {
+        output: store.describe(),
+        source,
+    })?;
+
+    // Closed sessions flow to the writer thread, finished files to the publisher task.
+    let (command_tx, command_rx) = std::sync::mpsc::channel::<WriterCommand>();
+    let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = PartitionWriter::new(WriterSettings {
+        staging_dir: store.staging_dir().to_owned(),
+        codec: avro::codec(settings.codec),
+        server_id: settings.server_id.clone(),
+        max_file_bytes: settings.max_file_bytes,
+        upload_interval: settings.upload_interval,
+    });
+    let writer_clock = clock.clone();
+    let writer_task = tokio::task::spawn_blocking(move || {
+        writer::run_writer(writer, command_rx, finished_tx, writer_clock)
+    });
+    let published = Arc::new(PublishCounts::default());
+    let publisher_task = tokio::spawn(publish_files(store.clone(), finished_rx, published.clone()));
+
+    let limits = SessionLimits {
+        timeout: settings.session_timeout,
+        max_duration: settings.max_session_duration,
+    };
+    let sessions = Arc::new(SessionStore::new(limits, Box::new(command_tx.clone())));
+    let stop = CancellationToken::new();
+    let sweeper_task = tokio::spawn(sweep_expired(sessions.clone(), clock.clone(), stop.clone()));
+
+    let state = AppState {
+        sessions: sessions.clone(),
+        clock: clock.clone(),
+        max_body_bytes: settings.max_body_bytes,
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    let router = api::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server_task = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    info!(output = %store.describe(), server_id = %settings.server_id, "ready");
+
+    // Shutdown: stop taking requests, let in-flight ones finish, then close every session.
+    shutdown.await;
+    info!("shutdown started, draining requests");
+    state.draining.store(true, Ordering::SeqCst);
+    stop.cancel();
+    match tokio::time::timeout(settings.drain_timeout, server_task).await {
+        Ok(Ok(Ok(()))) => info!("requests drained"),
+        Ok(Ok(Err(err))) => error!(error = %err, "server failed while draining"),
+        Ok(Err(err)) => error!(error = %err, "server task failed"),
+        Err(_) => {
+            warn!(drain_timeout = ?settings.drain_timeout, "drain timed out, closing sessions anyway")
+        }
+    }
+    if let Err(err) = sweeper_task.await {
+        error!(error = %err, "session sweeper failed");
+    }
+    let sessions_closed = sessions.close_all(CloseReason::Shutdown, clock.now_ms());
+    info!(sessions = sessions_closed, "closed every session");
+
+    let _ = command_tx.send(WriterCommand::FinishAll);
+    let finish = async {
+        let writer_report = writer_task.await.unwrap_or_else(|err| {
+            error!(error = %err, "writer thread failed");
+            WriterReport::default()
+        });
+        if let Err(err) = publisher_task.await {
+            error!(error = %err, "publisher task failed");
+        }
+        writer_report
+    };
+    let writer_report = match tokio::time::timeout(settings.shutdown_timeout, finish).await {
+        Ok(report) => report,
+        Err(_) => {
+            error!(shutdown_timeout = ?settings.shutdown_timeout, "shutdown timed out before every file was published");
+            WriterReport::default()
+        }
+    };
+
+    let files_published = published.files.load(Ordering::SeqCst);
+    let report = ShutdownReport {
+        sessions_closed,
+        files_written: writer_report.files,
+        files_published,
+        files_left: writer_report.files.saturating_sub(files_published),
+        sessions_lost: writer_report.sessions_lost,
+    };
+    info!(
+        sessions = report.sessions_closed,
+        files_written = report.files_written,
+        files_published = report.files_published,
+        bytes_published = published.bytes.load(Ordering::SeqCst),
+        files_left = report.files_left,
+        "shutdown finished"
+    );
+    Ok(report)
+}
+
+/// Closes expired sessions every [`SWEEP_INTERVAL`] until `stop` is cancelled.
+async fn sweep_expired(
+    sessions: Arc<SessionStore>,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interval.tick() => {
+                let closed = sessions.close_expired(clock.now_ms());
+                if closed > 0 {
+                    tracing::debug!(sessions = closed, "closed expired sessions");
+                }
+            }
+        }
+    }
+}
+
+/// Publishes finished files in order, retrying each until it succeeds.
+async fn publish_files(
+    store: Arc<dyn ObjectStore>,
+    mut finished: UnboundedReceiver<FinishedFile>,
+    published: Arc<PublishCounts>,
+) {
+    while let Some(file) = finished.recv().await {
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut attempt = 1u32;
+        loop {
+            match store.publish(&file.key, &file.path).await {
+                Ok(()) => break,
+                Err(err) => {
+                    warn!(attempt, key = %file.key, error = %err, "publish failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    attempt += 1;
+                }
+            }
+        }
+        published.files.fetch_add(1, Ordering::SeqCst);
+        published.bytes.fetch_add(file.bytes, Ordering::SeqCst);
+        info!(key = %file.key, bytes = file.bytes, sessions = file.sessions, "published file");
+    }
+}

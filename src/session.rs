@@ -1,0 +1,868 @@
+//! Visitor sessions: one per device, in a sharded map, closed by inactivity, duration, a new
+//! `sessionKey` or shutdown.
+//!
+//! [`SessionStore`] is the only way in. No map guard leaves it, and none is held while the
+//! deadline queue is locked. A session that a request closes goes to the [`SessionSink`] while
+//! its shard is still locked, so [`SessionStore::close_all`] cannot overtake it.
+//!
+//! Expiry does not scan the map. Each session has one entry in a deadline queue; the sweeper pops
+//! only entries that are due and re-queues a session that was active since, so its cost grows
+//! with the number of sessions due, not with the number of sessions.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use hashbrown::HashTable;
+use uuid::Uuid;
+
+use crate::batch::{Batch, Context, Event, Impression, StringMap};
+
+/// Why a session was closed; the order matches the `CloseReason` enum of `proto/session.avsc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    Inactivity,
+    MaxDuration,
+    MaxSize,
+    MemoryPressure,
+    SessionKeyChanged,
+    Shutdown,
+    Flush,
+}
+
+/// A finished session, as written to the Avro file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedSession {
+    pub session_id: Uuid,
+    pub device_id: Box<str>,
+    pub session_key: Option<Box<str>>,
+    pub previous_session_id: Option<Uuid>,
+    pub start_time_ms: i64,
+    pub end_time_ms: i64,
+    pub closed_at_ms: i64,
+    pub close_reason: CloseReason,
+    pub ip_address: Option<Box<str>>,
+    pub context: Context,
+    pub args: StringMap,
+    pub impressions: Vec<Impression>,
+    pub events: Vec<Event>,
+}
+
+/// Receives every session the store closes.
+pub trait SessionSink: Send + Sync + 'static {
+    /// Takes a closed session; must not block for long, because callers may be request handlers.
+    fn closed(&self, session: ClosedSession);
+}
+
+/// Collects closed sessions in memory, for tests.
+impl SessionSink for Mutex<Vec<ClosedSession>> {
+    fn closed(&self, session: ClosedSession) {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(session);
+    }
+}
+
+/// When sessions close.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Inactivity after which a session closes.
+    pub timeout: Duration,
+    /// Longest session; a longer one continues as a linked session.
+    pub max_duration: Duration,
+}
+
+/// What the client's connection says about it, beside the body.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub ip_address: Option<Box<str>>,
+    /// The `User-Agent` header, used when the body's context has none.
+    pub user_agent: Option<Box<str>>,
+}
+
+/// The result of recording one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub session_id: Uuid,
+    pub impressions: usize,
+    pub events: usize,
+    pub duplicates: usize,
+}
+
+/// A batch that could not be recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// All active sessions, keyed by device id.
+pub struct SessionStore {
+    sessions: DashMap<Box<str>, Session>,
+    /// One entry per session; stale entries are dropped when popped.
+    deadlines: Mutex<BinaryHeap<Reverse<Deadline>>>,
+    /// Set once at shutdown; read under a shard lock so that no session is added after the last
+    /// shard was emptied.
+    closing: AtomicBool,
+    limits: SessionLimits,
+    /// Hashes item ids for the per-session duplicate index.
+    id_hasher: RandomState,
+    sink: Box<dyn SessionSink>,
+}
+
+/// An active session.
+#[derive(Debug)]
+struct Session {
+    id: Uuid,
+    previous_id: Option<Uuid>,
+    session_key: Option<Box<str>>,
+    start_ms: i64,
+    last_active_ms: i64,
+    /// Accepted requests; 0 for a continuation that has not heard from the device yet.
+    requests: u32,
+    ip_address: Option<Box<str>>,
+    context: Context,
+    args: StringMap,
+    impressions: Vec<Impression>,
+    events: Vec<Event>,
+    /// Positions in `impressions`, found by id, so ids are not stored twice.
+    impression_index: HashTable<u32>,
+    event_index: HashTable<u32>,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Deadline {
+    at_ms: i64,
+    session_id: Uuid,
+    device_id: Box<str>,
+}
+
+// === impl SessionStore ===
+
+impl SessionStore {
+    /// Creates an empty store that hands closed sessions to `sink`.
+    pub fn new(limits: SessionLimits, sink: Box<dyn SessionSink>) -> Self {
+        Self {
+            sessions: DashMap::new(),
+            deadlines: Mutex::new(BinaryHeap::new()),
+            closing: AtomicBool::new(false),
+            limits,
+            id_hasher: RandomState::new(),
+            sink,
+        }
+    }
+
+    /// Records a validated batch into its device's session, opening or replacing the session
+    /// as needed.
+    pub fn record(&self, batch: Batch, client: ClientInfo) -> Result<Recorded, RecordError> {
+        let now_ms = batch.received_ms;
+        let mut scheduled = None;
+
+        let recorded = {
+            let entry = self.sessions.entry(batch.device_id.clone());
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(RecordError::ShuttingDown);
+            }
+            let mut session = match entry {
+                Entry::Occupied(occupied) => {
+                    let mut session = occupied.into_ref();
+                    if let Some(reason) = session.close_reason_before(&batch, now_ms, &self.limits)
+                    {
+                        let next = if reason == CloseReason::MaxDuration {
+                            Session::continuing(&session, now_ms)
+                        } else {
+                            Session::new(now_ms)
+                        };
+                        let old = std::mem::replace(&mut *session, next);
+                        // Handed on under the shard lock: `close_all` takes this lock after us, so
+                        // the writer gets this session before its final command.
+                        if let Some(closed) = old.close(reason, now_ms, &batch.device_id) {
+                            self.sink.closed(closed);
+                        }
+                        scheduled = Some(session.id);
+                    }
+                    session
+                }
+                Entry::Vacant(vacant) => {
+                    let session = vacant.insert(Session::new(now_ms));
+                    scheduled = Some(session.id);
+                    session
+                }
+            };
+            session.apply(batch, client, &self.id_hasher)
+        };
+
+        if let Some(session_id) = scheduled {
+            // Every session starts with one queue entry at its earliest possible deadline.
+            self.schedule(Deadline {
+                at_ms: now_ms.saturating_add(millis(self.limits.timeout)),
+                session_id,
+                device_id: recorded.1,
+            });
+        }
+        Ok(recorded.0)
+    }
+
+    /// Closes every session whose deadline is at or before `now_ms`; returns how many closed.
+    pub fn close_expired(&self, now_ms: i64) -> usize {
+        let mut closed_count = 0;
+        loop {
+            let due = {
+                let mut deadlines = self.lock_deadlines();
+                match deadlines.peek() {
+                    Some(Reverse(next)) if next.at_ms <= now_ms => deadlines.pop(),
+                    _ => break,
+                }
+            };
+            let Some(Reverse(due)) = due else { break };
+
+            let mut closed = None;
+            let mut rescheduled = None;
+            if let Entry::Occupied(occupied) = self.sessions.entry(due.device_id.clone()) {
+                let session = occupied.get();
+                if session.id != due.session_id {
+                    // A newer session replaced this one and has its own entry.
+                } else if let Some(reason) = session.expiry(now_ms, &self.limits) {
+                    if reason == CloseReason::MaxDuration {
+                        let mut occupied = occupied;
+                        let next = Session::continuing(occupied.get(), now_ms);
+                        let next_deadline = next.deadline_ms(&self.limits);
+                        rescheduled = Some((next.id, next_deadline));
+                        let old = std::mem::replace(occupied.get_mut(), next);
+                        closed = old.close(reason, now_ms, &due.device_id);
+                    } else {
+                        closed = occupied.remove().close(reason, now_ms, &due.device_id);
+                    }
+                } else {
+                    rescheduled = Some((session.id, session.deadline_ms(&self.limits)));
+                }
+            }
+
+            if let Some(closed) = closed {
+                closed_count += 1;
+                self.sink.closed(closed);
+            }
+            if let Some((session_id, at_ms)) = rescheduled {
+                self.schedule(Deadline {
+                    at_ms,
+                    session_id,
+                    device_id: due.device_id,
+                });
+            }
+        }
+        closed_count
+    }
+
+    /// Stops taking batches and closes every session with `reason`; returns how many closed.
+    ///
+    /// A batch racing with this call is either in a closed session or rejected with
+    /// [`RecordError::ShuttingDown`], never lost.
+    pub fn close_all(&self, reason: CloseReason, now_ms: i64) -> usize {
+        self.closing.store(true, Ordering::SeqCst);
+
+        let device_ids: Vec<Box<str>> = self
+            .sessions
+            .iter()
+            .map(|entry| entry.key().clone())
+            .collect();
+        let mut closed_count = 0;
+        for device_id in device_ids {
+            let Some((device_id, session)) = self.sessions.remove(&device_id) else {
+                continue;
+            };
+            if let Some(closed) = session.close(reason, now_ms, &device_id) {
+                closed_count += 1;
+                self.sink.closed(closed);
+            }
+        }
+        self.lock_deadlines().clear();
+        closed_count
+    }
+
+    /// Returns the number of active sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Returns whether no session is active.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Returns whether [`close_all`](Self::close_all) was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    fn schedule(&self, deadline: Deadline) {
+        self.lock_deadlines().push(Reverse(deadline));
+    }
+
+    fn lock_deadlines(&self) -> std::sync::MutexGuard<'_, BinaryHeap<Reverse<Deadline>>> {
+        // The heap stays consistent even if a holder panicked: every operation on it is one call.
+        self.deadlines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+// === impl Session ===
+
+impl Session {
+    fn new(now_ms: i64) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            previous_id: None,
+            session_key: None,
+            start_ms: now_ms,
+            last_active_ms: now_ms,
+            requests: 0,
+            ip_address: None,
+            context: Context::default(),
+            args: StringMap::default(),
+            impressions: Vec::new(),
+            events: Vec::new(),
+            impression_index: HashTable::new(),
+            event_index: HashTable::new(),
+        }
+    }
+
+    /// Creates the session that continues `previous` after a cut by duration.
+    fn continuing(previous: &Session, now_ms: i64) -> Self {
+        Self {
+            previous_id: Some(previous.id),
+            session_key: previous.session_key.clone(),
+            // The continuation inherits the inactivity clock, so a device that went quiet does
+            // not keep an empty session alive.
+            last_active_ms: previous.last_active_ms,
+            ..Self::new(now_ms)
+        }
+    }
+
+    /// Returns why this session must close before `batch` can be recorded, if it must.
+    fn close_reason_before(
+        &self,
+        batch: &Batch,
+        now_ms: i64,
+        limits: &SessionLimits,
+    ) -> Option<CloseReason> {
+        if now_ms.saturating_sub(self.last_active_ms) >= millis(limits.timeout) {
+            return Some(CloseReason::Inactivity);
+        }
+        if self.requests > 0 && now_ms.saturating_sub(self.start_ms) >= millis(limits.max_duration)
+        {
+            return Some(CloseReason::MaxDuration);
+        }
+        match &batch.session_key {
+            Some(key) if self.session_key.as_ref() != Some(key) => {
+                Some(CloseReason::SessionKeyChanged)
+            }
+            _ => None,
+        }
+    }
+
+    /// Returns why the session has expired by `now_ms`, if it has.
+    fn expiry(&self, now_ms: i64, limits: &SessionLimits) -> Option<CloseReason> {
+        let inactive_at = self.last_active_ms.saturating_add(millis(limits.timeout));
+        let too_long_at = self.start_ms.saturating_add(millis(limits.max_duration));
+        if self.requests > 0 && too_long_at <= now_ms && too_long_at < inactive_at {
+            return Some(CloseReason::MaxDuration);
+        }
+        if inactive_at <= now_ms {
+            return Some(CloseReason::Inactivity);
+        }
+        None
+    }
+
+    fn deadline_ms(&self, limits: &SessionLimits) -> i64 {
+        let inactive_at = self.last_active_ms.saturating_add(millis(limits.timeout));
+        if self.requests == 0 {
+            return inactive_at;
+        }
+        inactive_at.min(self.start_ms.saturating_add(millis(limits.max_duration)))
+    }
+
+    /// Adds a batch; returns the result and the device id, moved out of the batch.
+    fn apply(
+        &mut self,
+        batch: Batch,
+        client: ClientInfo,
+        hasher: &RandomState,
+    ) -> (Recorded, Box<str>) {
+        let now_ms = batch.received_ms;
+        if self.requests == 0 {
+            self.start_ms = now_ms;
+            self.session_key = batch.session_key;
+            self.ip_address = client.ip_address;
+        }
+        self.requests = self.requests.saturating_add(1);
+        self.last_active_ms = self.last_active_ms.max(now_ms);
+
+        let context = batch.context;
+        let user_agent = context.user_agent.or(client.user_agent);
+        fill(&mut self.context.entry_url, context.entry_url);
+        fill(&mut self.context.referrer, context.referrer);
+        fill(&mut self.context.user_agent, user_agent);
+        fill(&mut self.context.client_type, context.client_type);
+        merge(&mut self.args, batch.args);
+
+        let mut recorded = Recorded {
+            session_id: self.id,
+            impressions: 0,
+            events: 0,
+            duplicates: 0,
+        };
+        for impression in batch.impressions {
+            let impressions = &self.impressions;
+            let hash = hasher.hash_one(&*impression.impression_id);
+            let found = self.impression_index.find(hash, |&at| {
+                impressions[at as usize].impression_id == impression.impression_id
+            });
+            if found.is_some() {
+                recorded.duplicates += 1;
+                continue;
+            }
+            let at = index_of(impressions.len());
+            self.impression_index.insert_unique(hash, at, |&at| {
+                hasher.hash_one(&*impressions[at as usize].impression_id)
+            });
+            self.impressions.push(impression);
+            recorded.impressions += 1;
+        }
+
+        for mut event in batch.events {
+            let events = &self.events;
+            let hash = hasher.hash_one(&*event.event_id);
+            if self
+                .event_index
+                .find(hash, |&at| events[at as usize].event_id == event.event_id)
+                .is_some()
+            {
+                recorded.duplicates += 1;
+                continue;
+            }
+            if event.feature.is_none() {
+                event.feature = self.feature_of(event.impression_id.as_deref(), hasher);
+            }
+            let events = &self.events;
+            let at = index_of(events.len());
+            self.event_index.insert_unique(hash, at, |&at| {
+                hasher.hash_one(&*events[at as usize].event_id)
+            });
+            self.events.push(event);
+            recorded.events += 1;
+        }
+
+        (recorded, batch.device_id)
+    }
+
+    /// Returns the feature of the impression with `impression_id`, if this session has it.
+    fn feature_of(&self, impression_id: Option<&str>, hasher: &RandomState) -> Option<Box<str>> {
+        let impression_id = impression_id?;
+        let at = self
+            .impression_index
+            .find(hasher.hash_one(impression_id), |&at| {
+                &*self.impressions[at as usize].impression_id == impression_id
+            })?;
+        Some(self.impressions[*at as usize].feature.clone())
+    }
+
+    /// Turns this session into its record; `None` for a continuation that never heard from the
+    /// device, which has nothing to write.
+    fn close(
+        self,
+        reason: CloseReason,
+        closed_at_ms: i64,
+        device_id: &str,
+    ) -> Option<ClosedSession> {
+        if self.requests == 0 {
+            return None;
+        }
+        Some(ClosedSession {
+            session_id: self.id,
+            device_id: device_id.into(),
+            session_key: self.session_key,
+            previous_session_id: self.previous_id,
+            start_time_ms: self.start_ms,
+            end_time_ms: self.last_active_ms,
+            closed_at_ms: closed_at_ms.max(self.last_active_ms),
+            close_reason: reason,
+            ip_address: self.ip_address,
+            context: self.context,
+            args: self.args,
+            impressions: self.impressions,
+            events: self.events,
+        })
+    }
+}
+
+/// Sets `slot` to `value` unless it already has one: the first request's context wins.
+fn fill(slot: &mut Option<Box<str>>, value: Option<Box<str>>) {
+    if slot.is_none() {
+        *slot = value;
+    }
+}
+
+/// Merges `update` into `args`, later values replacing earlier ones; both are sorted by key.
+fn merge(args: &mut StringMap, update: StringMap) {
+    for (key, value) in update.0 {
+        match args.0.binary_search_by(|(existing, _)| existing.cmp(&key)) {
+            Ok(at) => args.0[at].1 = value,
+            Err(at) => args.0.insert(at, (key, value)),
+        }
+    }
+}
+
+fn index_of(len: usize) -> u32 {
+    // A session cannot hold 4 billion items: the body limit and max duration bound it far lower.
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::batch::DeviceIdSources;
+
+    const T0: i64 = 1_733_310_000_000;
+    const MINUTE_MS: i64 = 60_000;
+
+    struct Sink(Arc<Mutex<Vec<ClosedSession>>>);
+
+    impl SessionSink for Sink {
+        fn closed(&self, session: ClosedSession) {
+            self.0.closed(session);
+        }
+    }
+
+    fn store() -> (SessionStore, Arc<Mutex<Vec<ClosedSession>>>) {
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let limits = SessionLimits {
+            timeout: Duration::from_secs(30 * 60),
+            max_duration: Duration::from_secs(24 * 3600),
+        };
+        (
+            SessionStore::new(limits, Box::new(Sink(closed.clone()))),
+            closed,
+        )
+    }
+
+    fn batch(json: &str, received_ms: i64) -> Batch {
+        Batch::parse(json.as_bytes(), DeviceIdSources::default(), received_ms).unwrap()
+    }
+
+    fn impressions(device: &str, ids: &[&str]) -> String {
+        let items: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"{{"impressionId": "{id}", "feature": "f-{id}"}}"#))
+            .collect();
+        format!(
+            r#"{{"deviceId": "{device}", "impressions": [{}]}}"#,
+            items.join(",")
+        )
+    }
+
+    #[test]
+    fn duplicates_are_stored_once() {
+        let (store, closed) = store();
+        let first = store
+            .record(
+                batch(&impressions("d", &["a", "b"]), T0),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        let retry = store
+            .record(
+                batch(&impressions("d", &["b", "c", "c"]), T0 + 1),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        assert_eq!((first.impressions, first.duplicates), (2, 0));
+        assert_eq!((retry.impressions, retry.duplicates), (1, 2));
+        assert_eq!(first.session_id, retry.session_id);
+
+        store.close_all(CloseReason::Shutdown, T0 + 2);
+        let closed = closed.lock().unwrap();
+        let ids: Vec<&str> = closed[0]
+            .impressions
+            .iter()
+            .map(|i| &*i.impression_id)
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn event_takes_feature_of_its_impression() {
+        let (store, closed) = store();
+        let json = r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "Box"}],
+                       "events": [{"eventId": "e", "name": "click", "impressionId": "i"},
+                                  {"eventId": "e", "name": "click"},
+                                  {"eventId": "e2", "name": "other", "impressionId": "unknown"}]}"#;
+        let recorded = store
+            .record(batch(json, T0), ClientInfo::default())
+            .unwrap();
+        assert_eq!((recorded.events, recorded.duplicates), (2, 1));
+
+        store.close_all(CloseReason::Shutdown, T0);
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed[0].events[0].feature.as_deref(), Some("Box"));
+        assert_eq!(closed[0].events[1].feature, None);
+    }
+
+    #[test]
+    fn inactive_session_expires_at_timeout() {
+        let (store, closed) = store();
+        store
+            .record(batch(&impressions("d", &["a"]), T0), ClientInfo::default())
+            .unwrap();
+        store
+            .record(
+                batch(r#"{"deviceId": "d"}"#, T0 + 10 * MINUTE_MS),
+                ClientInfo::default(),
+            )
+            .unwrap();
+
+        assert_eq!(
+            store.close_expired(T0 + 30 * MINUTE_MS),
+            0,
+            "the keep-alive extended it"
+        );
+        assert_eq!(store.close_expired(T0 + 40 * MINUTE_MS - 1), 0);
+        assert_eq!(store.close_expired(T0 + 40 * MINUTE_MS), 1);
+        assert!(store.is_empty());
+
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed[0].close_reason, CloseReason::Inactivity);
+        assert_eq!(closed[0].start_time_ms, T0);
+        assert_eq!(closed[0].end_time_ms, T0 + 10 * MINUTE_MS);
+        assert_eq!(closed[0].closed_at_ms, T0 + 40 * MINUTE_MS);
+    }
+
+    #[test]
+    fn expiry_pops_only_due_sessions() {
+        let (store, _closed) = store();
+        for device in 0..1000 {
+            let json = format!(r#"{{"deviceId": "d{device}"}}"#);
+            store
+                .record(batch(&json, T0 + device), ClientInfo::default())
+                .unwrap();
+        }
+        assert_eq!(store.close_expired(T0 + 30 * MINUTE_MS + 99), 100);
+        assert_eq!(store.len(), 900);
+        assert_eq!(store.lock_deadlines().len(), 900);
+    }
+
+    #[test]
+    fn late_request_after_timeout_opens_new_session() {
+        let (store, closed) = store();
+        let first = store
+            .record(batch(&impressions("d", &["a"]), T0), ClientInfo::default())
+            .unwrap();
+        // The sweeper has not run yet; the request itself notices the expired session.
+        let second = store
+            .record(
+                batch(&impressions("d", &["a"]), T0 + 31 * MINUTE_MS),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        assert_ne!(first.session_id, second.session_id);
+        assert_eq!(
+            second.impressions, 1,
+            "a new session has no duplicates from the old one"
+        );
+        assert_eq!(
+            closed.lock().unwrap()[0].close_reason,
+            CloseReason::Inactivity
+        );
+
+        // The stale queue entry of the first session closes nothing.
+        assert_eq!(store.close_expired(T0 + 31 * MINUTE_MS), 0);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn session_key_change_closes_session() {
+        let (store, closed) = store();
+        let first = store
+            .record(
+                batch(r#"{"deviceId": "d", "sessionKey": "tab-1"}"#, T0),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        let same = store
+            .record(batch(r#"{"deviceId": "d"}"#, T0 + 1), ClientInfo::default())
+            .unwrap();
+        let second = store
+            .record(
+                batch(r#"{"deviceId": "d", "sessionKey": "tab-2"}"#, T0 + 2),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            first.session_id, same.session_id,
+            "a batch without a key continues the session"
+        );
+        assert_ne!(first.session_id, second.session_id);
+
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].close_reason, CloseReason::SessionKeyChanged);
+        assert_eq!(closed[0].session_key.as_deref(), Some("tab-1"));
+        assert_eq!(closed[0].previous_session_id, None);
+    }
+
+    /// Sends a keep-alive for `device` every 20 minutes after `from` up to `until`, sweeping
+    /// before each; returns the time of the last one.
+    fn keep_active(store: &SessionStore, json: &str, from: i64, until: i64) -> i64 {
+        let mut at = from;
+        while at + 20 * MINUTE_MS <= until {
+            at += 20 * MINUTE_MS;
+            store.close_expired(at);
+            store
+                .record(batch(json, at), ClientInfo::default())
+                .unwrap();
+        }
+        at
+    }
+
+    #[test]
+    fn max_duration_continues_as_linked_session() {
+        let (store, closed) = store();
+        let hour_ms = 60 * MINUTE_MS;
+        let json = r#"{"deviceId": "d", "sessionKey": "k"}"#;
+        let opening = r#"{"deviceId": "d", "sessionKey": "k", "impressions": [{"impressionId": "a", "feature": "f"}]}"#;
+        let first = store
+            .record(batch(opening, T0), ClientInfo::default())
+            .unwrap();
+        let last = keep_active(&store, json, T0, T0 + 23 * hour_ms + 50 * MINUTE_MS);
+        assert!(closed.lock().unwrap().is_empty());
+
+        store.close_expired(T0 + 24 * hour_ms);
+        {
+            let closed = closed.lock().unwrap();
+            assert_eq!(closed.len(), 1);
+            assert_eq!(closed[0].session_id, first.session_id);
+            assert_eq!(closed[0].close_reason, CloseReason::MaxDuration);
+            assert_eq!(closed[0].closed_at_ms, T0 + 24 * hour_ms);
+            assert_eq!(closed[0].end_time_ms, last);
+            assert_eq!(closed[0].impressions.len(), 1);
+        }
+
+        let next = store
+            .record(batch(json, T0 + 24 * hour_ms + 1), ClientInfo::default())
+            .unwrap();
+        store.close_all(CloseReason::Shutdown, T0 + 24 * hour_ms + 2);
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed.len(), 2);
+        assert_eq!(closed[1].session_id, next.session_id);
+        assert_eq!(closed[1].previous_session_id, Some(first.session_id));
+        assert_eq!(closed[1].session_key.as_deref(), Some("k"));
+        assert_eq!(closed[1].start_time_ms, T0 + 24 * hour_ms + 1);
+        assert_eq!(closed[1].close_reason, CloseReason::Shutdown);
+    }
+
+    #[test]
+    fn request_past_max_duration_links_sessions() {
+        let (store, closed) = store();
+        let json = r#"{"deviceId": "d"}"#;
+        let first = store
+            .record(batch(json, T0), ClientInfo::default())
+            .unwrap();
+        // No sweep runs; the request itself cuts the session.
+        let mut at = T0;
+        while at < T0 + 24 * 60 * MINUTE_MS {
+            at += 20 * MINUTE_MS;
+            store
+                .record(batch(json, at), ClientInfo::default())
+                .unwrap();
+        }
+        {
+            let closed = closed.lock().unwrap();
+            assert_eq!(closed.len(), 1);
+            assert_eq!(closed[0].session_id, first.session_id);
+            assert_eq!(closed[0].close_reason, CloseReason::MaxDuration);
+        }
+        store.close_all(CloseReason::Shutdown, at);
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed[1].previous_session_id, Some(first.session_id));
+    }
+
+    #[test]
+    fn quiet_continuation_is_not_written() {
+        let (store, closed) = store();
+        let hour_ms = 60 * MINUTE_MS;
+        let json = r#"{"deviceId": "d"}"#;
+        store
+            .record(batch(json, T0), ClientInfo::default())
+            .unwrap();
+        keep_active(&store, json, T0, T0 + 23 * hour_ms + 50 * MINUTE_MS);
+
+        store.close_expired(T0 + 24 * hour_ms);
+        assert_eq!(store.len(), 1, "the continuation waits for the device");
+        store.close_expired(T0 + 25 * hour_ms);
+        assert!(store.is_empty());
+        assert_eq!(closed.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn close_all_rejects_later_batches() {
+        let (store, closed) = store();
+        store
+            .record(batch(r#"{"deviceId": "a"}"#, T0), ClientInfo::default())
+            .unwrap();
+        store
+            .record(batch(r#"{"deviceId": "b"}"#, T0), ClientInfo::default())
+            .unwrap();
+        assert_eq!(store.close_all(CloseReason::Shutdown, T0 + 5), 2);
+        let err = store
+            .record(batch(r#"{"deviceId": "c"}"#, T0), ClientInfo::default())
+            .unwrap_err();
+        assert_eq!(err, RecordError::ShuttingDown);
+        assert!(
+            closed
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|s| s.close_reason == CloseReason::Shutdown)
+        );
+    }
+
+    #[test]
+    fn first_context_wins_and_args_merge() {
+        let (store, closed) = store();
+        let client = ClientInfo {
+            ip_address: Some("127.0.0.1".into()),
+            user_agent: Some("header-agent".into()),
+        };
+        let first = r#"{"deviceId": "d", "context": {"entryUrl": "https://a.example/"}, "args": {"a": "1", "b": "1"}}"#;
+        let second = r#"{"deviceId": "d", "context": {"entryUrl": "https://b.example/", "referrer": "r"}, "args": {"b": "2", "c": "2"}}"#;
+        store.record(batch(first, T0), client.clone()).unwrap();
+        store
+            .record(batch(second, T0 + 1), ClientInfo::default())
+            .unwrap();
+        store.close_all(CloseReason::Shutdown, T0 + 2);
+
+        let closed = closed.lock().unwrap();
+        let session = &closed[0];
+        assert_eq!(
+            session.context.entry_url.as_deref(),
+            Some("https://a.example/")
+        );
+        assert_eq!(session.context.referrer.as_deref(), Some("r"));
+        assert_eq!(session.context.user_agent.as_deref(), Some("header-agent"));
+        assert_eq!(session.ip_address.as_deref(), Some("127.0.0.1"));
+        assert_eq!(session.args.get("a"), Some("1"));
+        assert_eq!(session.args.get("b"), Some("2"));
+        assert_eq!(session.args.get("c"), Some("2"));
+    }
+}
