@@ -32,12 +32,12 @@ pub const DEVICE_ID_HEADER: HeaderName = HeaderName::from_static("x-device-id");
 pub const DEVICE_ID_PARAM: &str = "deviceId";
 /// Seconds a client is asked to wait before retrying while the server shuts down.
 const RETRY_AFTER_SECONDS: u32 = 5;
-/// Longest time one request may take, body read included.
+/// Maximum time for one request, body read included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a browser may cache a preflight answer.
+/// Time a browser may cache a preflight response.
 const CORS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// What the handlers share.
+/// State shared by the handlers.
 #[derive(Clone)]
 pub struct AppState {
     pub sessions: Arc<SessionStore>,
@@ -253,6 +253,278 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is not read, so the connection cannot carry another request;
+            // saying so keeps clients from reusing it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::to_bytes;
+    use axum::http::Request as HttpRequest;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::session::{CloseReason, ClosedSession, SessionLimits};
+
+    const MAX_BODY_BYTES: usize = 1024;
+
+    struct Harness {
+        state: AppState,
+        closed: Arc<Mutex<Vec<ClosedSession>>>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let closed = Arc::new(Mutex::new(Vec::new()));
+            let limits = SessionLimits {
+                timeout: Duration::from_secs(1800),
+                max_duration: Duration::from_secs(86_400),
+            };
+            let state = AppState {
+                sessions: Arc::new(SessionStore::new(limits, Box::new(closed.clone()))),
+                clock: Arc::new(ManualClock::at("2026-12-04T10:00:00Z")),
+                max_body_bytes: MAX_BODY_BYTES,
+                draining: Arc::new(AtomicBool::new(false)),
+            };
+            Self { state, closed }
+        }
+
+        async fn send(&self, request: HttpRequest<Body>) -> (StatusCode, HeaderMap, Value) {
+            let response = app(self.state.clone()).oneshot(request).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (status, headers, body)
+        }
+
+        async fn collect(&self, body: impl Into<Body>) -> (StatusCode, Value) {
+            let request = HttpRequest::post("/v1/collect").body(body.into()).unwrap();
+            let (status, _, body) = self.send(request).await;
+            (status, body)
+        }
+
+        /// Closes every session and returns the stored items, to show what a request stored.
+        fn stored_items(&self) -> usize {
+            self.state.sessions.close_all(CloseReason::Shutdown, 0);
+            let closed = self.closed.lock().unwrap();
+            closed
+                .iter()
+                .map(|s| s.impressions.len() + s.events.len())
+                .sum()
+        }
+    }
+
+    const VALID: &str = r#"{"deviceId": "d-1", "impressions": [{"impressionId": "i-1", "feature": "f"}],
+                            "events": [{"eventId": "e-1", "name": "click", "impressionId": "i-1"}]}"#;
+
+    #[tokio::test]
+    async fn collect_accepts_valid_batch() {
+        let harness = Harness::new();
+        let (status, body) = harness.collect(VALID).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["accepted"]["impressions"], 1);
+        assert_eq!(body["accepted"]["events"], 1);
+        assert_eq!(body["duplicates"], 0);
+        assert!(uuid::Uuid::parse_str(body["sessionId"].as_str().unwrap()).is_ok());
+        assert_eq!(harness.stored_items(), 2);
+    }
+
+    #[tokio::test]
+    async fn collect_ignores_content_type() {
+        let harness = Harness::new();
+        for content_type in [
+            "application/json",
+            "text/plain;charset=UTF-8",
+            "application/x-www-form-urlencoded",
+        ] {
+            let request = HttpRequest::post("/v1/collect")
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Body::from(VALID))
+                .unwrap();
+            let (status, _, _) = harness.send(request).await;
+            assert_eq!(status, StatusCode::OK, "{content_type}");
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_bodies_get_400_and_store_nothing() {
+        let cases: [(&[u8], &str, &str); 7] = [
+            (b"{", "invalid_json", "body"),
+            (b"[]", "invalid_field", "body"),
+            (br#"{"deviceId": 5}"#, "invalid_field", "deviceId"),
+            (
+                br#"{"deviceId": "d", "impressions": {}}"#,
+                "invalid_field",
+                "impressions",
+            ),
+            (
+                br#"{"deviceId": "d", "impressions": [{"feature": "f"}]}"#,
+                "invalid_field",
+                "impressions[0].impressionId",
+            ),
+            (br#"{"impressions": []}"#, "invalid_field", "deviceId"),
+            (b"{\"deviceId\": \"\xc3\x28\"}", "invalid_json", "deviceId"),
+        ];
+        let harness = Harness::new();
+        for (body, code, field) in cases {
+            let (status, error) = harness.collect(body.to_vec()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+            assert_eq!(error["error"], code, "{error}");
+            assert_eq!(error["field"], field, "{error}");
+        }
+        assert_eq!(harness.stored_items(), 0);
+    }
+
+    #[tokio::test]
+    async fn batch_with_one_bad_item_stores_nothing() {
+        let harness = Harness::new();
+        let body = r#"{"deviceId": "d", "impressions": [{"impressionId": "ok", "feature": "f"},
+                                                        {"impressionId": "bad", "feature": ""}]}"#;
+        let (status, error) = harness.collect(body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error["field"], "impressions[1].feature");
+        assert_eq!(harness.state.sessions.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn oversized_body_gets_413() {
+        let harness = Harness::new();
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+
+        // With a Content-Length header, rejected before reading.
+        let request = HttpRequest::post("/v1/collect")
+            .header(header::CONTENT_LENGTH, big.len())
+            .body(Body::from(big.clone()))
+            .unwrap();
+        let (status, headers, error) = harness.send(request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(error["error"], "body_too_large");
+        assert_eq!(headers[header::CONNECTION], "close");
+
+        // Streamed without a length, rejected while reading.
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            vec![Ok(vec![b' '; 800]), Ok(vec![b' '; 800])];
+        let request = HttpRequest::post("/v1/collect")
+            .body(Body::from_stream(futures_stream(chunks)))
+            .unwrap();
+        let (status, _, _) = harness.send(request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    fn futures_stream(
+        chunks: Vec<Result<Vec<u8>, std::io::Error>>,
+    ) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+        tokio_stream::iter(chunks)
+    }
+
+    #[tokio::test]
+    async fn compressed_body_gets_415() {
+        let harness = Harness::new();
+        let request = HttpRequest::post("/v1/collect")
+            .header(header::CONTENT_ENCODING, "br")
+            .body(Body::from(VALID))
+            .unwrap();
+        let (status, _, error) = harness.send(request).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(error["error"], "unsupported_encoding");
+    }
+
+    #[tokio::test]
+    async fn device_id_header_and_query_must_agree() {
+        let harness = Harness::new();
+        let request = HttpRequest::post("/v1/collect?deviceId=d-2")
+            .header("x-device-id", "d-1")
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, _, error) = harness.send(request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error["field"], "deviceId");
+
+        let request = HttpRequest::post("/v1/collect?deviceId=d%201")
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, _, _) = harness.send(request).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "a keep-alive with the id in the query"
+        );
+        assert_eq!(harness.state.sessions.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_503_with_retry_after() {
+        let harness = Harness::new();
+        harness.state.draining.store(true, Ordering::SeqCst);
+        let (status, _, _) = harness
+            .send(HttpRequest::get("/readyz").body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+        harness.state.sessions.close_all(CloseReason::Shutdown, 0);
+        let request = HttpRequest::post("/v1/collect")
+            .body(Body::from(VALID))
+            .unwrap();
+        let (status, headers, error) = harness.send(request).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "5");
+        assert_eq!(error["error"], "shutting_down");
+    }
+
+    #[tokio::test]
+    async fn preflight_echoes_origin() {
+        let harness = Harness::new();
+        let request = HttpRequest::options("/v1/collect")
+            .header(header::ORIGIN, "https://shop.example")
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "content-type,x-device-id",
+            )
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, _) = harness.send(request).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://shop.example"
+        );
+        let allowed = headers[header::ACCESS_CONTROL_ALLOW_HEADERS]
+            .to_str()
+            .unwrap();
+        assert!(allowed.contains("x-device-id"), "{allowed}");
+        assert!(
+            headers[header::ACCESS_CONTROL_ALLOW_METHODS]
+                .to_str()
+                .unwrap()
+                .contains("POST")
+        );
+    }
+
+    #[tokio::test]
+    async fn operations_endpoints_answer() {
+        let harness = Harness::new();
+        harness.collect(VALID).await;
+        let get = |path: &str| HttpRequest::get(path).body(Body::empty()).unwrap();
+        assert_eq!(harness.send(get("/healthz")).await.0, StatusCode::OK);
+        assert_eq!(harness.send(get("/readyz")).await.0, StatusCode::OK);
+        let (status, _, count) = harness.send(get("/v1/sessions/count")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(count["activeSessions"], 1);
+        let (status, _, error) = harness.send(get("/v1/unknown")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(error["error"], "not_found");
     }
 }

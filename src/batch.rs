@@ -48,7 +48,7 @@ pub struct Batch {
     pub events: Vec<Event>,
 }
 
-/// What the client says about where the visitor is.
+/// Client-reported context of the visit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Context {
@@ -88,7 +88,7 @@ pub struct Event {
     pub fields: StringMap,
 }
 
-/// Where the device id came from besides the body.
+/// Device id sources other than the body.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeviceIdSources<'a> {
     pub header: Option<&'a str>,

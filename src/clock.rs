@@ -23,7 +23,7 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to, for tests.
+/// A clock that moves only when set, for tests.
 #[derive(Debug, Default)]
 pub struct ManualClock {
     now_ms: AtomicI64,

@@ -73,7 +73,7 @@ pub struct ServeConfig {
     #[arg(long, env = "IMPRESSION_SERVER_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
-    /// Where finished files go: a local directory (S3 output is not available yet).
+    /// Output directory for finished files (S3 output is not available yet).
     #[arg(long, env = "IMPRESSION_SERVER_OUTPUT", default_value = DEFAULT_OUTPUT)]
     pub output: String,
 
@@ -81,11 +81,11 @@ pub struct ServeConfig {
     #[arg(long, env = "IMPRESSION_SERVER_SESSION_TIMEOUT", default_value = DEFAULT_SESSION_TIMEOUT, value_parser = parse_duration)]
     pub session_timeout: Duration,
 
-    /// Longest session; a longer one is cut and continues as a linked session.
+    /// Maximum session duration; a longer session is cut and continues as a linked session.
     #[arg(long, env = "IMPRESSION_SERVER_MAX_SESSION_DURATION", default_value = DEFAULT_MAX_SESSION_DURATION, value_parser = parse_duration)]
     pub max_session_duration: Duration,
 
-    /// Longest time a partition file stays open before it is finished and uploaded.
+    /// Maximum time a partition file stays open before it is finished and uploaded.
     #[arg(long, env = "IMPRESSION_SERVER_UPLOAD_INTERVAL", default_value = DEFAULT_UPLOAD_INTERVAL, value_parser = parse_duration)]
     pub upload_interval: Duration,
 
@@ -109,7 +109,7 @@ pub struct ServeConfig {
     #[arg(long, env = "IMPRESSION_SERVER_SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
-    /// Largest request body in bytes; a larger one is answered with 413.
+    /// Maximum request body in bytes; a larger body is rejected with 413.
     #[arg(long, env = "IMPRESSION_SERVER_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 }

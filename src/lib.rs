@@ -58,7 +58,7 @@ pub enum StartError {
     },
 }
 
-/// What happened at shutdown; the process exits 0 only when nothing is left behind.
+/// Counts of the shutdown; `main` exits 0 only when [`ShutdownReport::is_complete`] holds.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
     pub sessions_closed: usize,

@@ -5,15 +5,15 @@
 //! deadline queue is locked. A session that a request closes goes to the [`SessionSink`] while
 //! its shard is still locked, so [`SessionStore::close_all`] cannot overtake it.
 //!
-//! Expiry does not scan the map. Each session has one entry in a deadline queue; the sweeper pops
+//! Expiry does not scan the map. Each session has one entry in a deadline queue. The sweeper pops
 //! only entries that are due and re-queues a session that was active since, so its cost grows
 //! with the number of sessions due, not with the number of sessions.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::batch::{Batch, Context, Event, Impression, StringMap};
 
-/// Why a session was closed; the order matches the `CloseReason` enum of `proto/session.avsc`.
+/// Reason a session was closed; the order matches the `CloseReason` enum of `proto/session.avsc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
     Inactivity,
@@ -60,7 +60,7 @@ pub trait SessionSink: Send + Sync + 'static {
 }
 
 /// Collects closed sessions in memory, for tests.
-impl SessionSink for Mutex<Vec<ClosedSession>> {
+impl SessionSink for Arc<Mutex<Vec<ClosedSession>>> {
     fn closed(&self, session: ClosedSession) {
         self.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -73,11 +73,11 @@ impl SessionSink for Mutex<Vec<ClosedSession>> {
 pub struct SessionLimits {
     /// Inactivity after which a session closes.
     pub timeout: Duration,
-    /// Longest session; a longer one continues as a linked session.
+    /// Maximum session duration; a longer session continues as a linked session.
     pub max_duration: Duration,
 }
 
-/// What the client's connection says about it, beside the body.
+/// Client details from the connection and headers, beside the body.
 #[derive(Debug, Clone, Default)]
 pub struct ClientInfo {
     pub ip_address: Option<Box<str>>,
@@ -529,21 +529,11 @@ fn millis(duration: Duration) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::batch::DeviceIdSources;
 
     const T0: i64 = 1_733_310_000_000;
     const MINUTE_MS: i64 = 60_000;
-
-    struct Sink(Arc<Mutex<Vec<ClosedSession>>>);
-
-    impl SessionSink for Sink {
-        fn closed(&self, session: ClosedSession) {
-            self.0.closed(session);
-        }
-    }
 
     fn store() -> (SessionStore, Arc<Mutex<Vec<ClosedSession>>>) {
         let closed = Arc::new(Mutex::new(Vec::new()));
@@ -551,10 +541,7 @@ mod tests {
             timeout: Duration::from_secs(30 * 60),
             max_duration: Duration::from_secs(24 * 3600),
         };
-        (
-            SessionStore::new(limits, Box::new(Sink(closed.clone()))),
-            closed,
-        )
+        (SessionStore::new(limits, Box::new(closed.clone())), closed)
     }
 
     fn batch(json: &str, received_ms: i64) -> Batch {

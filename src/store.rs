@@ -1,4 +1,4 @@
-//! Where finished files go: the object store seam, and the local-directory output.
+//! Outputs for finished files: the object store seam, and the local-directory output.
 //!
 //! Every output uses the same key layout, built by [`object_key`] alone:
 //! `incoming-logs/ds=YYYY-MM-DD/hh=HH/<server_id>-<file_id>.avro`.
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-/// Name of the folder, inside a local output directory, where files are written before they
-/// are published; it is on the same file system, so publishing is a rename.
+/// Folder inside a local output directory where files are written before they are published.
+/// It is on the same file system as the output, so publishing is a rename.
 const STAGING_DIR: &str = ".staging";
 
 /// A failed store operation.

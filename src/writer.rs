@@ -2,7 +2,7 @@
 //!
 //! [`PartitionWriter`] does the encoding and file I/O and is driven by [`run_writer`] on a
 //! blocking thread of its own, so no request waits for it. A file is finished when its hour
-//! has ended, when it reaches the size limit or the upload interval, and at shutdown; a
+//! has ended, when it reaches the size limit or the upload interval, and at shutdown. A
 //! finished file is synced to disk and handed on for publishing. Files are opened for a
 //! session, so an empty file is never produced.
 
@@ -31,7 +31,7 @@ const PARTITION_GRACE: Duration = Duration::from_secs(5);
 /// How often open files are checked against their deadlines when no session arrives.
 const TICK: Duration = Duration::from_millis(500);
 
-/// What the writer thread is asked to do.
+/// Command to the writer thread.
 #[derive(Debug)]
 pub enum WriterCommand {
     Write(Box<ClosedSession>),
@@ -61,7 +61,7 @@ pub enum WriteError {
     },
 }
 
-/// How partition files are written.
+/// Settings of the partition files.
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
     pub staging_dir: PathBuf,
@@ -236,8 +236,9 @@ impl SessionSink for Sender<WriterCommand> {
     }
 }
 
-/// Runs the writer until it is told to finish: writes sessions, finishes due files and sends
-/// every finished file to `finished`. Blocks; run it on a thread of its own.
+/// Runs the writer until [`WriterCommand::FinishAll`] or until every sender is gone. It writes
+/// sessions, finishes due files and sends every finished file to `finished`. Blocks, so run it
+/// on a thread of its own.
 pub fn run_writer(
     mut writer: PartitionWriter,
     commands: Receiver<WriterCommand>,
@@ -283,7 +284,7 @@ pub fn run_writer(
     }
 }
 
-/// What the writer did over its life.
+/// Counts of the writer's work over its life.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriterReport {
     pub files: u64,
@@ -315,4 +316,166 @@ impl WriterReport {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{Context, Impression, StringMap};
+    use crate::clock::parse_rfc3339_ms;
+    use crate::session::CloseReason;
+
+    fn settings(staging_dir: &std::path::Path) -> WriterSettings {
+        WriterSettings {
+            staging_dir: staging_dir.to_owned(),
+            codec: Codec::Null,
+            server_id: "edge-1".to_owned(),
+            max_file_bytes: 64 * 1024 * 1024,
+            upload_interval: Duration::from_secs(3600),
+        }
+    }
+
+    fn session(start: &str, closed: &str, impressions: usize) -> ClosedSession {
+        let start_ms = parse_rfc3339_ms(start).unwrap();
+        ClosedSession {
+            session_id: Uuid::now_v7(),
+            device_id: "d-1".into(),
+            session_key: None,
+            previous_session_id: None,
+            start_time_ms: start_ms,
+            end_time_ms: start_ms,
+            closed_at_ms: parse_rfc3339_ms(closed).unwrap(),
+            close_reason: CloseReason::Inactivity,
+            ip_address: None,
+            context: Context::default(),
+            args: StringMap::default(),
+            impressions: (0..impressions)
+                .map(|n| Impression {
+                    impression_id: format!("i-{n}").into(),
+                    feature: "RatingBox".into(),
+                    time_ms: start_ms,
+                    client_time_ms: None,
+                    args: StringMap::default(),
+                    outputs: StringMap::default(),
+                    variants: Vec::new(),
+                })
+                .collect(),
+            events: Vec::new(),
+        }
+    }
+
+    fn read_records(path: &std::path::Path) -> Vec<apache_avro::types::Value> {
+        let reader = apache_avro::Reader::new(File::open(path).unwrap()).unwrap();
+        reader.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn session_lands_in_hour_of_close() {
+        let staging = tempfile::tempdir().unwrap();
+        let mut writer = PartitionWriter::new(settings(staging.path()));
+        let now = parse_rfc3339_ms("2026-12-04T11:05:00Z").unwrap();
+        let session = session("2026-12-04T10:59:00Z", "2026-12-04T11:05:00Z", 3);
+        assert!(writer.write(&session, now).unwrap().is_none());
+
+        let files: Vec<FinishedFile> = writer
+            .finish_all()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(files.len(), 1);
+        assert!(
+            files[0]
+                .key
+                .starts_with("incoming-logs/ds=2026-12-04/hh=11/edge-1-"),
+            "{}",
+            files[0].key
+        );
+        assert_eq!(files[0].sessions, 1);
+        assert_eq!(
+            read_records(&files[0].path).len(),
+            1,
+            "the session is whole in one file"
+        );
+    }
+
+    #[test]
+    fn file_finishes_after_its_hour() {
+        let staging = tempfile::tempdir().unwrap();
+        let mut writer = PartitionWriter::new(settings(staging.path()));
+        let at = |time: &str| parse_rfc3339_ms(time).unwrap();
+        writer
+            .write(
+                &session("2026-12-04T10:00:00Z", "2026-12-04T10:59:59Z", 1),
+                at("2026-12-04T10:59:59Z"),
+            )
+            .unwrap();
+        writer
+            .write(
+                &session("2026-12-04T11:00:00Z", "2026-12-04T11:00:01Z", 1),
+                at("2026-12-04T11:00:01Z"),
+            )
+            .unwrap();
+        assert_eq!(writer.open_files(), 2);
+
+        // Sessions closed just before the hour may still be on their way during the grace.
+        assert!(writer.finish_due(at("2026-12-04T11:00:04Z")).is_empty());
+        let finished = writer.finish_due(at("2026-12-04T11:00:05Z"));
+        assert_eq!(finished.len(), 1);
+        assert!(finished[0].as_ref().unwrap().key.contains("/hh=10/"));
+        assert_eq!(writer.open_files(), 1);
+    }
+
+    #[test]
+    fn file_finishes_at_upload_interval() {
+        let staging = tempfile::tempdir().unwrap();
+        let mut settings = settings(staging.path());
+        settings.upload_interval = Duration::from_secs(600);
+        let mut writer = PartitionWriter::new(settings);
+        let opened = parse_rfc3339_ms("2026-12-04T10:00:00Z").unwrap();
+        writer
+            .write(
+                &session("2026-12-04T10:00:00Z", "2026-12-04T10:00:00Z", 1),
+                opened,
+            )
+            .unwrap();
+
+        assert!(writer.finish_due(opened + 599_999).is_empty());
+        assert_eq!(writer.finish_due(opened + 600_000).len(), 1);
+        assert_eq!(writer.open_files(), 0);
+        assert!(
+            writer.finish_due(opened + 1_200_000).is_empty(),
+            "no empty file is opened"
+        );
+    }
+
+    #[test]
+    fn file_finishes_at_size_limit() {
+        let staging = tempfile::tempdir().unwrap();
+        let mut settings = settings(staging.path());
+        settings.max_file_bytes = 64 * 1024;
+        let mut writer = PartitionWriter::new(settings);
+        let now = parse_rfc3339_ms("2026-12-04T10:00:00Z").unwrap();
+
+        let mut finished = Vec::new();
+        let mut written = 0;
+        while finished.len() < 2 {
+            let session = session("2026-12-04T10:00:00Z", "2026-12-04T10:00:00Z", 50);
+            finished.extend(writer.write(&session, now).unwrap());
+            written += 1;
+            assert!(written < 1000, "the size limit never finished a file");
+        }
+        finished.extend(writer.finish_all().into_iter().map(Result::unwrap));
+
+        let read: usize = finished
+            .iter()
+            .map(|file| read_records(&file.path).len())
+            .sum();
+        assert_eq!(read, written);
+        for file in &finished[..2] {
+            assert!(file.bytes >= 64 * 1024, "{} bytes", file.bytes);
+            assert!(file.bytes < 2 * 64 * 1024, "{} bytes", file.bytes);
+        }
+        let keys: std::collections::HashSet<_> = finished.iter().map(|file| &file.key).collect();
+        assert_eq!(keys.len(), finished.len(), "each file has its own key");
+    }
 }
