@@ -8,28 +8,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::batch::{Batch, BatchError, BatchErrorKind, DeviceIdSources};
 use crate::clock::Clock;
+use crate::config::CorsOrigins;
+use crate::intake::{Intake, WRITE_KEY_HEADER, query_params};
 use crate::session::{ClientInfo, RecordError, SessionStore};
 
 /// Header a client can send its device id in, so a load balancer can route without the body.
 pub const DEVICE_ID_HEADER: HeaderName = HeaderName::from_static("x-device-id");
-/// Query parameter a client can send its device id in; beacons cannot set headers.
-pub const DEVICE_ID_PARAM: &str = "deviceId";
 /// Seconds a client is asked to wait before retrying while the server shuts down.
 const RETRY_AFTER_SECONDS: u32 = 5;
 /// Maximum time for one request, body read included.
@@ -42,7 +40,7 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub struct AppState {
     pub sessions: Arc<SessionStore>,
     pub clock: Arc<dyn Clock>,
-    pub max_body_bytes: usize,
+    pub intake: Arc<Intake>,
     /// Set when shutdown begins; readiness then reports 503.
     pub draining: Arc<AtomicBool>,
 }
@@ -57,12 +55,24 @@ pub enum ApiError {
         field: &'static str,
         message: &'static str,
     },
+    #[error(
+        "missing write key: send it as Authorization: Bearer, the X-Write-Key header or the writeKey query parameter"
+    )]
+    MissingWriteKey,
+    #[error("invalid write key")]
+    InvalidWriteKey,
     #[error("request body is larger than {limit_bytes} bytes")]
     BodyTooLarge { limit_bytes: usize },
-    #[error("unsupported Content-Encoding {encoding:?}; send the body uncompressed")]
+    #[error("request body is larger than {limit_bytes} bytes after gzip decompression")]
+    DecompressedTooLarge { limit_bytes: usize },
+    #[error("unsupported Content-Encoding {encoding:?}; send gzip or an uncompressed body")]
     UnsupportedEncoding { encoding: String },
+    #[error("invalid gzip body")]
+    InvalidGzip,
     #[error("failed to read the request body")]
     BodyRead,
+    #[error("the request body did not arrive in time")]
+    BodyReadTimeout,
     #[error("the server is shutting down; retry in a few seconds")]
     ShuttingDown,
     #[error("not found")]
@@ -85,11 +95,28 @@ struct Accepted {
 
 /// Builds the router with its middleware.
 pub fn app(state: AppState) -> Router {
+    let allowed_origins = match &state.intake.cors_origins {
+        CorsOrigins::Any => AllowOrigin::mirror_request(),
+        CorsOrigins::List(origins) => AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        ),
+    };
     let cors = CorsLayer::new()
-        .allow_origin(AllowOrigin::mirror_request())
+        .allow_origin(allowed_origins)
         .allow_methods([Method::POST, Method::GET])
-        .allow_headers([header::CONTENT_TYPE, DEVICE_ID_HEADER])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            DEVICE_ID_HEADER,
+            WRITE_KEY_HEADER,
+        ])
         .max_age(CORS_MAX_AGE);
+    // The span names the path only: the query may carry a write key, which must not be logged.
+    let trace = TraceLayer::new_for_http().make_span_with(|request: &Request| {
+        tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+    });
 
     Router::new()
         .route("/v1/collect", post(collect))
@@ -102,7 +129,7 @@ pub fn app(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(trace)
         .with_state(state)
 }
 
@@ -111,8 +138,10 @@ async fn collect(
     request: Request,
 ) -> Result<Json<CollectResponse>, ApiError> {
     let (parts, body) = request.into_parts();
-    check_encoding(&parts.headers)?;
-    let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
+    let intake = &state.intake;
+    let query = query_params(parts.uri.query());
+    intake.check_write_key(&parts.headers, &query)?;
+    let body = intake.read_body(body, &parts.headers).await?;
     let received_ms = state.clock.now_ms();
 
     let header = match parts.headers.get(&DEVICE_ID_HEADER) {
@@ -122,18 +151,19 @@ async fn collect(
             message: "must be visible ASCII",
         })?),
     };
-    let query = parts.uri.query().and_then(device_id_param);
     let sources = DeviceIdSources {
         header,
-        query: query.as_deref(),
+        query: query.device_id.as_deref(),
     };
-    let batch = Batch::parse(&body, sources, received_ms).map_err(ApiError::Batch)?;
+    let batch =
+        Batch::parse_with(&body, sources, received_ms, &intake.limits).map_err(ApiError::Batch)?;
 
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip());
     let client = ClientInfo {
-        ip_address: parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(peer)| peer.ip().to_string().into()),
+        ip_address: intake.client_address(peer, &parts.headers),
         user_agent: parts
             .headers
             .get(header::USER_AGENT)
@@ -172,49 +202,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
     "ready\n".into_response()
 }
 
-/// Rejects bodies in an encoding the server does not decode.
-fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
-    for value in headers.get_all(header::CONTENT_ENCODING) {
-        let encoding = String::from_utf8_lossy(value.as_bytes())
-            .trim()
-            .to_ascii_lowercase();
-        if !encoding.is_empty() && encoding != "identity" {
-            return Err(ApiError::UnsupportedEncoding { encoding });
-        }
-    }
-    Ok(())
-}
-
-/// Reads the whole body, refusing more than `limit_bytes`, before or while it arrives.
-async fn read_body(body: Body, headers: &HeaderMap, limit_bytes: usize) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit_bytes as u64) {
-        return Err(ApiError::BodyTooLarge { limit_bytes });
-    }
-
-    match Limited::new(body, limit_bytes).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit_bytes }),
-        Err(_) => Err(ApiError::BodyRead),
-    }
-}
-
-/// Returns the `deviceId` query parameter, if the query has one.
-fn device_id_param(query: &str) -> Option<String> {
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(name, _)| name == DEVICE_ID_PARAM)
-        .map(|(_, value)| value.into_owned())
-}
-
 // === impl ApiError ===
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = self.to_string();
-        let (status, code, field) = match &self {
+impl ApiError {
+    /// Returns the status, the error code of the JSON body and the field it concerns.
+    fn classify(&self) -> (StatusCode, &'static str, Option<String>) {
+        match self {
             ApiError::Batch(err) => {
                 let code = match err.kind {
                     BatchErrorKind::InvalidJson => "invalid_json",
@@ -227,7 +220,12 @@ impl IntoResponse for ApiError {
                 "invalid_field",
                 Some((*field).to_owned()),
             ),
+            ApiError::MissingWriteKey => (StatusCode::UNAUTHORIZED, "missing_write_key", None),
+            ApiError::InvalidWriteKey => (StatusCode::UNAUTHORIZED, "invalid_write_key", None),
             ApiError::BodyTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None)
+            }
+            ApiError::DecompressedTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None)
             }
             ApiError::UnsupportedEncoding { .. } => (
@@ -235,30 +233,52 @@ impl IntoResponse for ApiError {
                 "unsupported_encoding",
                 None,
             ),
+            ApiError::InvalidGzip => (
+                StatusCode::BAD_REQUEST,
+                "invalid_gzip",
+                Some("body".to_owned()),
+            ),
             ApiError::BodyRead => (StatusCode::BAD_REQUEST, "body_read_failed", None),
+            ApiError::BodyReadTimeout => (StatusCode::REQUEST_TIMEOUT, "body_read_timeout", None),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", None),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
-        };
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            warn!("rejected a batch during shutdown");
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = self.classify();
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE => warn!("rejected a batch during shutdown"),
+            StatusCode::NOT_FOUND => {}
+            _ => debug!(
+                status = status.as_u16(),
+                code,
+                field = field.as_deref(),
+                "rejected a request"
+            ),
         }
 
-        let mut body = json!({ "error": code, "message": message });
+        let mut body = json!({ "error": code, "message": self.to_string() });
         if let Some(field) = field {
             body["field"] = field.into();
         }
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
-        }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body is not read, so the connection cannot carry another request;
-            // saying so keeps clients from reusing it.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let headers = response.headers_mut();
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            }
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body may be unread, so the connection cannot carry another
+            // request; saying so keeps clients from reusing it.
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
@@ -268,8 +288,8 @@ impl IntoResponse for ApiError {
 mod tests {
     use std::sync::Mutex;
 
-    use axum::body::to_bytes;
-    use axum::http::Request as HttpRequest;
+    use axum::body::{Body, to_bytes};
+    use axum::http::{HeaderMap, Request as HttpRequest};
     use serde_json::Value;
     use tower::ServiceExt;
 
@@ -291,10 +311,20 @@ mod tests {
                 timeout: Duration::from_secs(1800),
                 max_duration: Duration::from_secs(86_400),
             };
+            let intake = Intake {
+                max_body_bytes: MAX_BODY_BYTES,
+                max_decompressed_bytes: 4 * MAX_BODY_BYTES,
+                body_read_timeout: Duration::from_secs(5),
+                limits: crate::limits::BatchLimits::default(),
+                write_keys: Vec::new(),
+                cors_origins: CorsOrigins::Any,
+                trusted_proxies: Vec::new(),
+                ip_mode: crate::config::IpMode::Full,
+            };
             let state = AppState {
                 sessions: Arc::new(SessionStore::new(limits, Box::new(closed.clone()))),
                 clock: Arc::new(ManualClock::at("2026-12-04T10:00:00Z")),
-                max_body_bytes: MAX_BODY_BYTES,
+                intake: Arc::new(intake),
                 draining: Arc::new(AtomicBool::new(false)),
             };
             Self { state, closed }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::clock::parse_rfc3339_ms;
+use crate::limits::{BatchLimits, check_batch, check_depth};
 
 /// Longest accepted device id, in bytes.
 pub const MAX_DEVICE_ID_BYTES: usize = 256;
@@ -138,8 +139,29 @@ struct Timestamp(i64);
 // === impl Batch ===
 
 impl Batch {
-    /// Parses and validates a request body received at `received_ms`.
+    /// Parses and validates a request body received at `received_ms`, with the default limits.
     pub fn parse(
+        body: &[u8],
+        device_ids: DeviceIdSources<'_>,
+        received_ms: i64,
+    ) -> Result<Self, BatchError> {
+        Self::parse_with(body, device_ids, received_ms, &BatchLimits::default())
+    }
+
+    /// Parses and validates a request body received at `received_ms`, within `limits`.
+    pub fn parse_with(
+        body: &[u8],
+        device_ids: DeviceIdSources<'_>,
+        received_ms: i64,
+        limits: &BatchLimits,
+    ) -> Result<Self, BatchError> {
+        check_depth(body, limits.max_json_depth)?;
+        let batch = Self::parse_unchecked(body, device_ids, received_ms)?;
+        check_batch(&batch, limits)?;
+        Ok(batch)
+    }
+
+    fn parse_unchecked(
         body: &[u8],
         device_ids: DeviceIdSources<'_>,
         received_ms: i64,
@@ -517,7 +539,12 @@ mod tests {
             "]".repeat(500)
         );
         let err = parse(&body).unwrap_err();
-        assert!(err.message.contains("recursion limit"), "{}", err.message);
+        assert_eq!(err.field, format!("args.x{}", "[0]".repeat(18)));
+        assert!(
+            err.message.contains("nested deeper than 20"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

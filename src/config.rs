@@ -3,11 +3,14 @@
 //! `--help` is the configuration reference. Values are checked once, at start, by
 //! [`ServeConfig::validate`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::limits::{self, BatchLimits};
 
 /// Default address the HTTP server listens on.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:3004";
@@ -27,9 +30,17 @@ pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "60s";
 /// Default largest request body (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Default largest body after gzip decompression (4 MiB).
+pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 4 * 1024 * 1024;
+/// Default time a client gets to send its request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+/// Default time a client gets to send its request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: &str = "10s";
 
 /// Smallest accepted `--max-file-bytes`: below it every session would get its own file.
 const MIN_FILE_BYTES: u64 = 4 * 1024;
+/// Smallest accepted `--max-json-depth`: a batch with items and their maps uses 4 levels.
+const MIN_JSON_DEPTH: usize = 4;
 /// Longest accepted `--server-id`; it becomes part of every object key.
 const MAX_SERVER_ID_CHARS: usize = 64;
 
@@ -112,6 +123,105 @@ pub struct ServeConfig {
     /// Maximum request body in bytes; a larger body is rejected with 413.
     #[arg(long, env = "IMPRESSION_SERVER_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+
+    /// Maximum body in bytes after gzip decompression; a larger body is rejected with 413.
+    #[arg(long, env = "IMPRESSION_SERVER_MAX_DECOMPRESSED_BYTES", default_value_t = DEFAULT_MAX_DECOMPRESSED_BYTES)]
+    pub max_decompressed_bytes: usize,
+
+    /// Maximum number of impressions plus events in one batch.
+    #[arg(long, env = "IMPRESSION_SERVER_MAX_BATCH_ITEMS", default_value_t = limits::DEFAULT_MAX_BATCH_ITEMS)]
+    pub max_batch_items: usize,
+
+    /// Maximum length in bytes of any string in a batch, map keys included.
+    #[arg(long, env = "IMPRESSION_SERVER_MAX_STRING_BYTES", default_value_t = limits::DEFAULT_MAX_STRING_BYTES)]
+    pub max_string_bytes: usize,
+
+    /// Maximum number of keys in one `args`, `outputs` or `fields` object, and of variants.
+    #[arg(long, env = "IMPRESSION_SERVER_MAX_MAP_KEYS", default_value_t = limits::DEFAULT_MAX_MAP_KEYS)]
+    pub max_map_keys: usize,
+
+    /// Maximum nesting of arrays and objects in a body; the batch itself uses 4 levels.
+    #[arg(long, env = "IMPRESSION_SERVER_MAX_JSON_DEPTH", default_value_t = limits::DEFAULT_MAX_JSON_DEPTH)]
+    pub max_json_depth: usize,
+
+    /// Time a client gets to send its request head before the connection is closed.
+    #[arg(long, env = "IMPRESSION_SERVER_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Time a client gets to send its request body before the request is rejected with 408.
+    #[arg(long, env = "IMPRESSION_SERVER_BODY_READ_TIMEOUT", default_value = DEFAULT_BODY_READ_TIMEOUT, value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// Write keys, separated by commas, one of which every batch must carry; none means no key
+    /// is needed.
+    #[arg(
+        long,
+        env = "IMPRESSION_SERVER_WRITE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub write_keys: Vec<WriteKey>,
+
+    /// Origins allowed to post from a browser, separated by commas, or `*` for any origin.
+    #[arg(
+        long,
+        env = "IMPRESSION_SERVER_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// Proxies whose X-Forwarded-For header is trusted: addresses or CIDR ranges, separated by
+    /// commas. Without it, the client address is the connection's peer address.
+    #[arg(long, env = "IMPRESSION_SERVER_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_ip_net)]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// How much of the client address is stored.
+    #[arg(long, env = "IMPRESSION_SERVER_IP_MODE", value_enum, default_value_t = IpMode::Full)]
+    pub ip_mode: IpMode,
+}
+
+/// A write key; its `Debug` form hides the value so that it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WriteKey(pub String);
+
+impl std::fmt::Debug for WriteKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("WriteKey(<hidden>)")
+    }
+}
+
+impl std::str::FromStr for WriteKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let key = text.trim();
+        if key.is_empty() {
+            return Err("a write key must not be empty".to_owned());
+        }
+        if !key.chars().all(|c| c.is_ascii_graphic()) {
+            return Err("a write key may contain only visible ASCII characters".to_owned());
+        }
+        Ok(WriteKey(key.to_owned()))
+    }
+}
+
+/// How much of the client address is stored in the `ip_address` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IpMode {
+    /// The whole address.
+    Full,
+    /// The network only: IPv4 to /24, IPv6 to /48.
+    Truncate,
+    /// No address.
+    None,
+}
+
+/// The origins allowed to post from a browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<String>),
 }
 
 /// The Avro codecs a file can be written with.
@@ -144,6 +254,14 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_body_bytes: usize,
+    pub max_decompressed_bytes: usize,
+    pub limits: BatchLimits,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub write_keys: Vec<WriteKey>,
+    pub cors_origins: CorsOrigins,
+    pub trusted_proxies: Vec<IpNet>,
+    pub ip_mode: IpMode,
 }
 
 // === impl ServeConfig ===
@@ -186,9 +304,33 @@ impl ServeConfig {
         if self.max_file_bytes < MIN_FILE_BYTES {
             return Err(invalid("max-file-bytes", "must be at least 4096"));
         }
-        if self.max_body_bytes == 0 {
-            return Err(invalid("max-body-bytes", "must be greater than 0"));
+        for (flag, value) in [
+            ("max-body-bytes", self.max_body_bytes),
+            ("max-decompressed-bytes", self.max_decompressed_bytes),
+            ("max-batch-items", self.max_batch_items),
+            ("max-string-bytes", self.max_string_bytes),
+            ("max-map-keys", self.max_map_keys),
+        ] {
+            if value == 0 {
+                return Err(invalid(flag, "must be greater than 0"));
+            }
         }
+        if self.max_json_depth < MIN_JSON_DEPTH {
+            return Err(invalid(
+                "max-json-depth",
+                "must be at least 4, the depth of a batch itself",
+            ));
+        }
+        for (flag, value) in [
+            ("header-read-timeout", self.header_read_timeout),
+            ("body-read-timeout", self.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(flag, "must be greater than 0"));
+            }
+        }
+        let cors_origins = parse_cors_origins(&self.cors_origins)
+            .map_err(|problem| invalid("cors-origins", &problem))?;
 
         let server_id = match self.server_id {
             Some(id) => id,
@@ -208,6 +350,19 @@ impl ServeConfig {
             drain_timeout: self.drain_timeout,
             shutdown_timeout: self.shutdown_timeout,
             max_body_bytes: self.max_body_bytes,
+            max_decompressed_bytes: self.max_decompressed_bytes,
+            limits: BatchLimits {
+                max_items: self.max_batch_items,
+                max_string_bytes: self.max_string_bytes,
+                max_map_keys: self.max_map_keys,
+                max_json_depth: self.max_json_depth,
+            },
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            write_keys: self.write_keys,
+            cors_origins,
+            trusted_proxies: self.trusted_proxies,
+            ip_mode: self.ip_mode,
         })
     }
 }
@@ -216,6 +371,47 @@ impl ServeConfig {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|err| format!("{err}; expected a duration like 30m or 90s"))
+}
+
+/// Parses an address or CIDR range; a bare address is a range of one.
+fn parse_ip_net(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net);
+    }
+    text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        format!("invalid address or CIDR range {text:?}; expected e.g. 10.0.0.5 or 10.0.0.0/8")
+    })
+}
+
+/// Checks the CORS origins: `*` alone, or a list of `http://` or `https://` origins.
+fn parse_cors_origins(origins: &[String]) -> Result<CorsOrigins, String> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|origin| origin.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Err("give at least one origin, or * for any".to_owned());
+    }
+    if origins.contains(&"*") {
+        if origins.len() > 1 {
+            return Err("* allows any origin and cannot be combined with others".to_owned());
+        }
+        return Ok(CorsOrigins::Any);
+    }
+    for origin in &origins {
+        let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
+        let path_free = origin.splitn(4, '/').nth(3).is_none();
+        if !scheme_ok || !path_free || origin.ends_with('/') {
+            return Err(format!(
+                "invalid origin {origin:?}; expected a scheme and host such as https://shop.example"
+            ));
+        }
+    }
+    Ok(CorsOrigins::List(
+        origins.into_iter().map(str::to_owned).collect(),
+    ))
 }
 
 /// Returns the host name, or `impression-server` when it is not a valid server id.
@@ -294,6 +490,73 @@ mod tests {
         assert!(err.contains("--server-id"), "{err}");
         assert!(parse(&["--server-id", ".hidden"]).is_err());
         assert!(parse(&["--server-id", "edge-1.eu_west"]).is_ok());
+    }
+
+    #[test]
+    fn intake_flags_parse() {
+        let settings = parse(&[
+            "--server-id",
+            "a",
+            "--write-keys",
+            "k1,k2",
+            "--cors-origins",
+            "https://shop.example,http://localhost:8080",
+            "--trusted-proxies",
+            "10.0.0.0/8,192.0.2.7",
+            "--ip-mode",
+            "truncate",
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.write_keys,
+            vec![WriteKey("k1".into()), WriteKey("k2".into())]
+        );
+        assert_eq!(
+            settings.cors_origins,
+            CorsOrigins::List(vec![
+                "https://shop.example".into(),
+                "http://localhost:8080".into()
+            ])
+        );
+        assert_eq!(settings.trusted_proxies.len(), 2);
+        assert_eq!(settings.ip_mode, IpMode::Truncate);
+        assert_eq!(
+            parse(&["--server-id", "a"]).unwrap().cors_origins,
+            CorsOrigins::Any
+        );
+    }
+
+    #[test]
+    fn write_key_is_hidden_in_debug() {
+        let settings = parse(&["--server-id", "a", "--write-keys", "s3cret"]).unwrap();
+        assert!(!format!("{settings:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn invalid_intake_flags_are_rejected() {
+        for (args, flag) in [
+            (
+                &["--cors-origins", "*,https://a.example"][..],
+                "--cors-origins",
+            ),
+            (&["--cors-origins", "shop.example"][..], "--cors-origins"),
+            (
+                &["--cors-origins", "https://a.example/path"][..],
+                "--cors-origins",
+            ),
+            (
+                &["--trusted-proxies", "proxy.internal"][..],
+                "--trusted-proxies",
+            ),
+            (&["--max-json-depth", "3"][..], "--max-json-depth"),
+            (&["--max-batch-items", "0"][..], "--max-batch-items"),
+            (&["--write-keys", ""][..], "--write-keys"),
+        ] {
+            let mut all = vec!["--server-id", "a"];
+            all.extend_from_slice(args);
+            let err = parse(&all).unwrap_err();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
     }
 
     #[test]

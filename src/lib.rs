@@ -5,7 +5,10 @@
 //!
 //! - [`config`]: the command line and environment, checked once at start.
 //! - [`api`]: the HTTP router; `POST /v1/collect` and the operations endpoints.
+//! - [`serve`]: the HTTP/1.1 listener, with a header read timeout.
+//! - [`intake`]: write keys, body encoding and limits, and the client address.
 //! - [`batch`]: parsing and validation of a request body into session items.
+//! - [`limits`]: limits on the shape of a batch.
 //! - [`session`]: the sharded map of active sessions and their expiry.
 //! - [`avro`]: the record schema from `proto/session.avsc` and the encoding.
 //! - [`writer`]: one open Avro file per UTC hour, on a thread of its own.
@@ -19,12 +22,14 @@ pub mod avro;
 pub mod batch;
 pub mod clock;
 pub mod config;
+pub mod intake;
+pub mod limits;
+pub mod serve;
 pub mod session;
 pub mod store;
 pub mod writer;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -37,6 +42,7 @@ use tracing::{error, info, warn};
 use crate::api::AppState;
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::intake::Intake;
 use crate::session::{CloseReason, SessionLimits, SessionStore};
 use crate::store::{LocalDirStore, ObjectStore, StoreError};
 use crate::writer::{FinishedFile, PartitionWriter, WriterCommand, WriterReport, WriterSettings};
@@ -126,15 +132,15 @@ pub async fn run(
     let state = AppState {
         sessions: sessions.clone(),
         clock: clock.clone(),
-        max_body_bytes: settings.max_body_bytes,
+        intake: Arc::new(Intake::from_settings(&settings)),
         draining: Arc::new(AtomicBool::new(false)),
     };
-    let router = api::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server_task = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server_task = tokio::spawn(serve::serve(
+        listener,
+        api::app(state.clone()),
+        settings.header_read_timeout,
+        stop.clone(),
+    ));
     info!(output = %store.describe(), server_id = %settings.server_id, "ready");
 
     // Shutdown: stop taking requests, let in-flight ones finish, then close every session.
@@ -143,8 +149,7 @@ pub async fn run(
     state.draining.store(true, Ordering::SeqCst);
     stop.cancel();
     match tokio::time::timeout(settings.drain_timeout, server_task).await {
-        Ok(Ok(Ok(()))) => info!("requests drained"),
-        Ok(Ok(Err(err))) => error!(error = %err, "server failed while draining"),
+        Ok(Ok(())) => info!("requests drained"),
         Ok(Err(err)) => error!(error = %err, "server task failed"),
         Err(_) => {
             warn!(drain_timeout = ?settings.drain_timeout, "drain timed out, closing sessions anyway")
