@@ -128,7 +128,7 @@ pub struct ServeConfig {
     #[arg(long, env = "IMPRESSION_SERVER_MAX_DECOMPRESSED_BYTES", default_value_t = DEFAULT_MAX_DECOMPRESSED_BYTES)]
     pub max_decompressed_bytes: usize,
 
-    /// Maximum number of impressions plus events in one batch.
+    /// Maximum number of impressions, and of events, in one batch.
     #[arg(long, env = "IMPRESSION_SERVER_MAX_BATCH_ITEMS", default_value_t = limits::DEFAULT_MAX_BATCH_ITEMS)]
     pub max_batch_items: usize,
 

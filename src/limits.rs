@@ -3,7 +3,7 @@
 
 use crate::batch::{Batch, BatchError, BatchErrorKind, StringMap};
 
-/// Default maximum of impressions plus events in one batch.
+/// Default maximum number of impressions, and of events, in one batch.
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 1000;
 /// Default maximum length of any string in a batch, key or value, in bytes.
 pub const DEFAULT_MAX_STRING_BYTES: usize = 8 * 1024;
