@@ -112,6 +112,8 @@ pub fn app(state: AppState) -> Router {
             DEVICE_ID_HEADER,
             WRITE_KEY_HEADER,
         ])
+        // A page must read Retry-After to honour it when the server sheds load.
+        .expose_headers([header::RETRY_AFTER])
         .max_age(CORS_MAX_AGE);
     // The span names the path only: the query may carry a write key, which must not be logged.
     let trace = TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -460,7 +462,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn compressed_body_gets_415() {
+    async fn unknown_encoding_gets_415() {
         let harness = Harness::new();
         let request = HttpRequest::post("/v1/collect")
             .header(header::CONTENT_ENCODING, "br")
@@ -540,6 +542,25 @@ mod tests {
                 .to_str()
                 .unwrap()
                 .contains("POST")
+        );
+    }
+
+    #[tokio::test]
+    async fn response_exposes_retry_after() {
+        let harness = Harness::new();
+        let request = HttpRequest::post("/v1/collect")
+            .header(header::ORIGIN, "https://shop.example")
+            .body(Body::from(VALID))
+            .unwrap();
+        let (status, headers, _) = harness.send(request).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://shop.example"
+        );
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_EXPOSE_HEADERS],
+            "retry-after"
         );
     }
 

@@ -1,5 +1,5 @@
-//! What a request must pass before its body is parsed: the write key, the body's encoding,
-//! size and read time, and the client address to store.
+//! Request checks before the body is parsed: the write key and the body's encoding, size and
+//! read time. Also the client address to store.
 
 use std::io::Read;
 use std::net::IpAddr;
@@ -91,12 +91,12 @@ impl Intake {
             .and_then(|value| value.to_str().ok());
         let candidates = [bearer, header_key, query.write_key.as_deref()];
 
-        let mut given = candidates.into_iter().flatten().peekable();
-        if given.peek().is_none() {
+        let mut presented = candidates.into_iter().flatten().peekable();
+        if presented.peek().is_none() {
             return Err(ApiError::MissingWriteKey);
         }
         // Every configured key is compared in full, so timing does not tell which one is close.
-        let matched = given.fold(false, |matched, candidate| {
+        let matched = presented.fold(false, |matched, candidate| {
             self.write_keys.iter().fold(matched, |matched, key| {
                 matched | bool::from(key.0.as_bytes().ct_eq(candidate.as_bytes()))
             })
@@ -140,7 +140,7 @@ impl Intake {
     }
 
     /// Returns the client address to store: the peer, or the first untrusted hop of
-    /// `X-Forwarded-For` when the peer is a trusted proxy, cut as `--ip-mode` says.
+    /// `X-Forwarded-For` when the peer is a trusted proxy, cut to the `--ip-mode` setting.
     pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<Box<str>> {
         let peer = peer?;
         let client = if self.is_trusted(peer) {

@@ -40,7 +40,7 @@ enum Step {
 
 /// Checks the nesting depth of `body` before it is parsed, so a deep body costs one scan.
 ///
-/// The scan follows the JSON structure only as far as depth and path need; a body that is not
+/// The scan follows the JSON structure only as far as depth and path need. A body that is not
 /// valid JSON passes here and is rejected by the parser.
 pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), BatchError> {
     let mut path: Vec<Step> = Vec::new();

@@ -51,7 +51,11 @@ async fn spec_examples_are_accepted() {
     let (status, log) = server.interrupt_and_wait(EXIT_TIMEOUT);
     assert!(status.success(), "exit status {status}; log:\n{log}");
     let files = read_output_checked(output.path());
-    assert_eq!(files.iter().map(|file| file.records.len()).sum::<usize>(), 1, "one device, one session");
+    assert_eq!(
+        files.iter().map(|file| file.records.len()).sum::<usize>(),
+        1,
+        "one device, one session"
+    );
 }
 
 #[test]
@@ -71,8 +75,21 @@ fn schemathesis_finds_no_failures() {
              response_headers_conformance,response_schema_conformance,negative_data_rejection,\
              unsupported_method",
         ])
-        .args(["--max-time", FUZZ_SECONDS, "--max-examples", "100", "--workers", "2"])
-        .args(["--request-timeout", "10", "--seed", "20261204", "--no-color"])
+        .args([
+            "--max-time",
+            FUZZ_SECONDS,
+            "--max-examples",
+            "100",
+            "--workers",
+            "2",
+        ])
+        .args([
+            "--request-timeout",
+            "10",
+            "--seed",
+            "20261204",
+            "--no-color",
+        ])
         .arg("--report-dir")
         .arg(reports.path())
         .output()
