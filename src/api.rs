@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,7 +25,9 @@ use crate::batch::{Batch, BatchError, BatchErrorKind, DeviceIdSources};
 use crate::clock::Clock;
 use crate::config::CorsOrigins;
 use crate::intake::{Intake, WRITE_KEY_HEADER, query_params};
-use crate::session::{ClientInfo, RecordError, SessionStore};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{Metrics, Route};
+use crate::session::{ClientInfo, RecordError, Recorded, SessionStore};
 
 /// Header a client can send its device id in, so a load balancer can route without the body.
 pub const DEVICE_ID_HEADER: HeaderName = HeaderName::from_static("x-device-id");
@@ -41,8 +44,11 @@ pub struct AppState {
     pub sessions: Arc<SessionStore>,
     pub clock: Arc<dyn Clock>,
     pub intake: Arc<Intake>,
+    pub metrics: Arc<Metrics>,
     /// Set when shutdown begins; readiness then reports 503.
     pub draining: Arc<AtomicBool>,
+    /// Limits the warning about batches rejected during shutdown.
+    pub rejected_log: Arc<LogLimiter>,
 }
 
 /// Every way a request can fail, each with one status.
@@ -125,7 +131,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions/count", get(sessions_count))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .layer(cors)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -135,10 +143,45 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn collect(
-    State(state): State<AppState>,
-    request: Request,
-) -> Result<Json<CollectResponse>, ApiError> {
+async fn collect(State(state): State<AppState>, request: Request) -> Response {
+    match record_batch(&state, request).await {
+        Ok(recorded) => {
+            state.metrics.items_recorded(&recorded);
+            Json(CollectResponse {
+                session_id: recorded.session_id.hyphenated().to_string(),
+                accepted: Accepted {
+                    impressions: recorded.impressions,
+                    events: recorded.events,
+                },
+                duplicates: recorded.duplicates(),
+            })
+            .into_response()
+        }
+        Err(err) => {
+            let (status, code, field) = err.classify();
+            state.metrics.batch_rejected(code);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                if let Some(suppressed) = state.rejected_log.allow(state.clock.now_ms()) {
+                    warn!(
+                        suppressed,
+                        "rejected a batch during shutdown; the client should retry"
+                    );
+                }
+            } else {
+                debug!(
+                    status = status.as_u16(),
+                    code,
+                    field = field.as_deref(),
+                    "rejected a batch"
+                );
+            }
+            err.into_response()
+        }
+    }
+}
+
+/// Checks, reads, parses and records one batch.
+async fn record_batch(state: &AppState, request: Request) -> Result<Recorded, ApiError> {
     let (parts, body) = request.into_parts();
     let intake = &state.intake;
     let query = query_params(parts.uri.query());
@@ -172,21 +215,52 @@ async fn collect(
             .and_then(|value| value.to_str().ok())
             .map(Into::into),
     };
-    let recorded = state
+    state
         .sessions
         .record(batch, client)
         .map_err(|err| match err {
             RecordError::ShuttingDown => ApiError::ShuttingDown,
-        })?;
+        })
+}
 
-    Ok(Json(CollectResponse {
-        session_id: recorded.session_id.hyphenated().to_string(),
-        accepted: Accepted {
-            impressions: recorded.impressions,
-            events: recorded.events,
-        },
-        duplicates: recorded.duplicates,
-    }))
+/// Counts every request by route template and status class, with its duration.
+async fn count_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/v1/collect") => Route::Collect,
+        Some("/v1/sessions/count") => Route::SessionsCount,
+        Some("/healthz") => Route::Healthz,
+        Some("/readyz") => Route::Readyz,
+        Some("/metrics") => Route::Metrics,
+        _ => Route::Other,
+    };
+    let started = tokio::time::Instant::now();
+    let response = next.run(request).await;
+    let seconds = started.elapsed().as_secs_f64();
+    state
+        .metrics
+        .request_finished(route, response.status().as_u16(), seconds);
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let metrics = &state.metrics;
+    metrics
+        .sessions_active
+        .set(i64::try_from(state.sessions.len()).unwrap_or(i64::MAX));
+    metrics.session_bytes.set(state.sessions.resident_bytes());
+    metrics
+        .ready
+        .set(i64::from(!state.draining.load(Ordering::SeqCst)));
+    // The encoder writes OpenMetrics text, which Prometheus reads when told so.
+    let headers = [(
+        header::CONTENT_TYPE,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )];
+    (headers, metrics.render()).into_response()
 }
 
 async fn sessions_count(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -208,7 +282,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 impl ApiError {
     /// Returns the status, the error code of the JSON body and the field it concerns.
-    fn classify(&self) -> (StatusCode, &'static str, Option<String>) {
+    pub fn classify(&self) -> (StatusCode, &'static str, Option<String>) {
         match self {
             ApiError::Batch(err) => {
                 let code = match err.kind {
@@ -251,17 +325,6 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = self.classify();
-        match status {
-            StatusCode::SERVICE_UNAVAILABLE => warn!("rejected a batch during shutdown"),
-            StatusCode::NOT_FOUND => {}
-            _ => debug!(
-                status = status.as_u16(),
-                code,
-                field = field.as_deref(),
-                "rejected a request"
-            ),
-        }
-
         let mut body = json!({ "error": code, "message": self.to_string() });
         if let Some(field) = field {
             body["field"] = field.into();
@@ -312,6 +375,7 @@ mod tests {
             let limits = SessionLimits {
                 timeout: Duration::from_secs(1800),
                 max_duration: Duration::from_secs(86_400),
+                max_items: crate::session::DEFAULT_MAX_SESSION_ITEMS,
             };
             let intake = Intake {
                 max_body_bytes: MAX_BODY_BYTES,
@@ -323,11 +387,16 @@ mod tests {
                 trusted_proxies: Vec::new(),
                 ip_mode: crate::config::IpMode::Full,
             };
+            let metrics = Arc::new(Metrics::new());
+            let store =
+                SessionStore::new(limits, Box::new(closed.clone())).with_metrics(metrics.clone());
             let state = AppState {
-                sessions: Arc::new(SessionStore::new(limits, Box::new(closed.clone()))),
+                sessions: Arc::new(store),
                 clock: Arc::new(ManualClock::at("2026-12-04T10:00:00Z")),
                 intake: Arc::new(intake),
+                metrics,
                 draining: Arc::new(AtomicBool::new(false)),
+                rejected_log: Arc::new(LogLimiter::new(Duration::from_secs(10))),
             };
             Self { state, closed }
         }
@@ -394,7 +463,7 @@ mod tests {
     async fn malformed_bodies_get_400_and_store_nothing() {
         let cases: [(&[u8], &str, &str); 7] = [
             (b"{", "invalid_json", "body"),
-            (b"[]", "invalid_field", "body"),
+            (b"[]", "invalid_json", "body"),
             (br#"{"deviceId": 5}"#, "invalid_field", "deviceId"),
             (
                 br#"{"deviceId": "d", "impressions": {}}"#,
@@ -561,6 +630,129 @@ mod tests {
         assert_eq!(
             headers[header::ACCESS_CONTROL_EXPOSE_HEADERS],
             "retry-after"
+        );
+    }
+
+    /// Returns the value of the sample `series` (name and labels as rendered) in `text`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn metrics_count_known_traffic() {
+        let harness = Harness::new();
+        harness.collect(VALID).await;
+        harness.collect(VALID).await;
+        harness
+            .collect(r#"{"deviceId": "d-2", "events": [{"eventId": "e", "name": "n"}]}"#)
+            .await;
+        harness.collect("{").await;
+        harness.collect(r#"{"deviceId": 1}"#).await;
+        let get = |path: &str| HttpRequest::get(path).body(Body::empty()).unwrap();
+        harness.send(get("/healthz")).await;
+        harness.send(get("/nowhere")).await;
+
+        let response = app(harness.state.clone())
+            .oneshot(get("/metrics"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = String::from_utf8(
+            to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+
+        let expect = |series: &str, value: f64| {
+            assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
+        };
+        expect(
+            r#"impression_server_items_accepted_total{kind="impression"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_items_accepted_total{kind="event"}"#,
+            2.0,
+        );
+        expect(
+            r#"impression_server_items_duplicate_total{kind="impression"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_items_duplicate_total{kind="event"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_batches_rejected_total{reason="invalid_json"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_batches_rejected_total{reason="invalid_field"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_http_requests_total{route="/v1/collect",status_class="2xx"}"#,
+            3.0,
+        );
+        expect(
+            r#"impression_server_http_requests_total{route="/v1/collect",status_class="4xx"}"#,
+            2.0,
+        );
+        expect(
+            r#"impression_server_http_requests_total{route="/healthz",status_class="2xx"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_http_requests_total{route="other",status_class="4xx"}"#,
+            1.0,
+        );
+        expect(
+            r#"impression_server_http_request_duration_seconds_count{route="/v1/collect"}"#,
+            5.0,
+        );
+        expect("impression_server_sessions_opened_total", 2.0);
+        expect("impression_server_sessions_active", 2.0);
+        expect("impression_server_ready", 1.0);
+        assert!(sample(&text, "impression_server_session_bytes").is_some_and(|bytes| bytes > 0.0));
+
+        harness.state.sessions.close_all(CloseReason::Shutdown, 0);
+        let response = app(harness.state.clone())
+            .oneshot(get("/metrics"))
+            .await
+            .unwrap();
+        let text = String::from_utf8(
+            to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(
+            sample(
+                &text,
+                r#"impression_server_sessions_closed_total{reason="shutdown"}"#
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "impression_server_session_items_count"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "impression_server_session_items_sum"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "impression_server_sessions_active"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, "impression_server_session_bytes"),
+            Some(0.0),
+            "closing frees every byte"
         );
     }
 

@@ -79,16 +79,9 @@ impl Serialize for SessionRecord<'_> {
 
 impl Serialize for CloseReason {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let (index, symbol) = match self {
-            CloseReason::Inactivity => (0, "inactivity"),
-            CloseReason::MaxDuration => (1, "max_duration"),
-            CloseReason::MaxSize => (2, "max_size"),
-            CloseReason::MemoryPressure => (3, "memory_pressure"),
-            CloseReason::SessionKeyChanged => (4, "session_key_changed"),
-            CloseReason::Shutdown => (5, "shutdown"),
-            CloseReason::Flush => (6, "flush"),
-        };
-        serializer.serialize_unit_variant("CloseReason", index, symbol)
+        // The variant order is the symbol order of the schema's enum.
+        let index = *self as u32;
+        serializer.serialize_unit_variant("CloseReason", index, self.as_str())
     }
 }
 
@@ -190,15 +183,7 @@ mod tests {
 
     /// The record a reader must see for `session`, built independently of the encoder.
     fn expected(session: &ClosedSession) -> Value {
-        let reason = match session.close_reason {
-            CloseReason::Inactivity => "inactivity",
-            CloseReason::MaxDuration => "max_duration",
-            CloseReason::MaxSize => "max_size",
-            CloseReason::MemoryPressure => "memory_pressure",
-            CloseReason::SessionKeyChanged => "session_key_changed",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Flush => "flush",
-        };
+        let reason = session.close_reason.as_str();
         json!({
             "session_id": session.session_id.to_string(),
             "device_id": &*session.device_id,

@@ -51,7 +51,7 @@ pub struct Batch {
 
 /// Client-reported context of the visit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Context {
     pub entry_url: Option<Box<str>>,
     pub referrer: Option<Box<str>>,
@@ -99,7 +99,7 @@ pub struct DeviceIdSources<'a> {
 // The body as sent. Unknown fields are ignored so that newer clients keep working.
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct BatchBody {
     device_id: Option<String>,
     session_key: Option<Box<str>>,
@@ -111,7 +111,7 @@ struct BatchBody {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ImpressionBody {
     impression_id: Box<str>,
     feature: Box<str>,
@@ -122,7 +122,7 @@ struct ImpressionBody {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct EventBody {
     event_id: Box<str>,
     name: Box<str>,
@@ -166,9 +166,23 @@ impl Batch {
         device_ids: DeviceIdSources<'_>,
         received_ms: i64,
     ) -> Result<Self, BatchError> {
-        let deserializer = &mut serde_json::Deserializer::from_slice(body);
+        // serde would also read a struct from an array; a batch is an object and nothing else.
+        if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(BatchError {
+                kind: BatchErrorKind::InvalidJson,
+                field: ROOT_FIELD.to_owned(),
+                message: "expected a JSON object".to_owned(),
+            });
+        }
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
         let parsed: BatchBody =
-            serde_path_to_error::deserialize(deserializer).map_err(from_json_error)?;
+            serde_path_to_error::deserialize(&mut deserializer).map_err(from_json_error)?;
+        // Anything after the object, such as a second object, is an error, not silently dropped.
+        deserializer.end().map_err(|err| BatchError {
+            kind: BatchErrorKind::InvalidJson,
+            field: ROOT_FIELD.to_owned(),
+            message: err.to_string(),
+        })?;
         let device_id = resolve_device_id(parsed.device_id.as_deref(), device_ids)?;
 
         let session_key = parsed.session_key;
@@ -267,8 +281,8 @@ fn resolve_device_id(
             "missing: send it in the body, the X-Device-Id header or the deviceId query parameter",
         ));
     };
-    if device_id.is_empty() {
-        return Err(invalid_field("deviceId", "must not be empty"));
+    if device_id.trim().is_empty() {
+        return Err(invalid_field("deviceId", "must not be empty or blank"));
     }
     if device_id.len() > MAX_DEVICE_ID_BYTES {
         return Err(invalid_field("deviceId", "must be at most 256 bytes"));
@@ -330,9 +344,50 @@ fn from_json_error(err: serde_path_to_error::Error<serde_json::Error>) -> BatchE
     }
 }
 
+// === impl Impression and Event ===
+
+impl Impression {
+    /// Returns the estimated heap bytes of this impression, its own struct included.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.impression_id.len()
+            + self.feature.len()
+            + self.args.heap_bytes()
+            + self.outputs.heap_bytes()
+            + self
+                .variants
+                .iter()
+                .map(|v| v.len() + std::mem::size_of::<Box<str>>())
+                .sum::<usize>()
+    }
+}
+
+impl Event {
+    /// Returns the estimated heap bytes of this event, its own struct included.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.event_id.len()
+            + self.name.len()
+            + self.impression_id.as_deref().map_or(0, str::len)
+            + self.feature.as_deref().map_or(0, str::len)
+            + self.fields.heap_bytes()
+    }
+}
+
 // === impl StringMap ===
 
 impl StringMap {
+    /// Returns the estimated heap bytes of the map's entries.
+    pub fn heap_bytes(&self) -> usize {
+        let entries = self.0.capacity() * std::mem::size_of::<(Box<str>, Box<str>)>();
+        entries
+            + self
+                .0
+                .iter()
+                .map(|(key, value)| key.len() + value.len())
+                .sum::<usize>()
+    }
+
     /// Returns the value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
@@ -410,10 +465,20 @@ impl Visitor<'_> for TimestampVisitor {
         self.visit_u64(ms.unsigned_abs())
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Timestamp, E> {
-        Err(E::custom(
-            "expected whole milliseconds since the Unix epoch, got a fraction",
-        ))
+    fn visit_f64<E: de::Error>(self, ms: f64) -> Result<Timestamp, E> {
+        // Fractional milliseconds, as from `performance.timeOrigin + performance.now()`, are
+        // cut to whole ones.
+        if !ms.is_finite() || ms >= (MAX_TIME_MS + 1) as f64 {
+            return Err(E::custom("time is after the year 9999"));
+        }
+        if ms < 0.0 {
+            return Err(E::custom("time is before 1970-01-01"));
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "the value is in range and whole"
+        )]
+        Ok(Timestamp(ms.floor() as i64))
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<Timestamp, E> {
@@ -596,8 +661,69 @@ mod tests {
     }
 
     #[test]
-    fn negative_and_fractional_times_are_rejected() {
-        for time in ["-1", "1.5", r#""yesterday""#] {
+    fn float_times_are_cut_to_milliseconds() {
+        let body = r#"{"deviceId": "d", "sentAt": 1.5e12, "events": [{"eventId": "e", "name": "n", "time": 1733310000000.75}]}"#;
+        let batch = parse(body).unwrap();
+        assert_eq!(batch.events[0].client_time_ms, Some(1_733_310_000_000));
+    }
+
+    #[test]
+    fn trailing_data_is_rejected() {
+        for body in [
+            r#"{"deviceId": "a"}{"deviceId": "b"}"#,
+            r#"{"deviceId": "a"} x"#,
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.kind, BatchErrorKind::InvalidJson, "{body}");
+            assert!(err.message.contains("trailing"), "{}", err.message);
+        }
+        assert!(
+            parse("{\"deviceId\": \"a\"}\n").is_ok(),
+            "trailing whitespace is fine"
+        );
+    }
+
+    #[test]
+    fn top_level_must_be_object() {
+        for body in [
+            r#"["d", null, null, null, null, null, null]"#,
+            "[]",
+            "\"d\"",
+            "7",
+            "",
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.field, ROOT_FIELD, "{body}");
+            assert_eq!(err.message, "expected a JSON object", "{body}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let err = parse(r#"{"deviceId": "d", "impresions": []}"#).unwrap_err();
+        assert_eq!(err.field, "impresions");
+        assert!(err.message.contains("unknown field"), "{}", err.message);
+        let err =
+            parse(r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "feild": 1}]}"#)
+                .unwrap_err();
+        assert_eq!(err.field, "events[0].feild");
+    }
+
+    #[test]
+    fn blank_device_id_is_rejected() {
+        let err = parse(r#"{"deviceId": "   "}"#).unwrap_err();
+        assert_eq!(err.field, "deviceId");
+    }
+
+    #[test]
+    fn negative_and_huge_times_are_rejected() {
+        for time in [
+            "-1",
+            "-1.5",
+            "1e300",
+            "99999999999999999999999",
+            r#""yesterday""#,
+        ] {
             let body = format!(r#"{{"deviceId": "d", "sentAt": {time}}}"#);
             let err = parse(&body).unwrap_err();
             assert_eq!(err.field, "sentAt", "{time}");

@@ -62,18 +62,33 @@ pub struct Cli {
 
 /// The binary's subcommands.
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start, never moved in a loop"
+)]
 pub enum Command {
     /// Run the HTTP server (the default).
     Serve(ServeConfig),
+    /// Exit 0 when a running server reports ready, 1 otherwise; for container health checks.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Flags of `healthcheck`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthcheckArgs {
+    /// URL of the server's readiness endpoint.
+    #[arg(long, env = "IMPRESSION_SERVER_HEALTHCHECK_URL", default_value = crate::healthcheck::DEFAULT_URL)]
+    pub url: String,
+
+    /// Time to wait for the answer.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 impl Cli {
-    /// Returns the configuration of `serve`, given explicitly or by default.
-    pub fn into_serve_config(self) -> ServeConfig {
-        match self.command {
-            Some(Command::Serve(config)) => config,
-            None => self.serve,
-        }
+    /// Returns the subcommand to run; `serve` when none is given.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
     }
 }
 
@@ -95,6 +110,10 @@ pub struct ServeConfig {
     /// Maximum session duration; a longer session is cut and continues as a linked session.
     #[arg(long, env = "IMPRESSION_SERVER_MAX_SESSION_DURATION", default_value = DEFAULT_MAX_SESSION_DURATION, value_parser = parse_duration)]
     pub max_session_duration: Duration,
+
+    /// Impressions plus events at which a session is cut and continues as a linked session.
+    #[arg(long, env = "IMPRESSION_SERVER_MAX_SESSION_ITEMS", default_value_t = crate::session::DEFAULT_MAX_SESSION_ITEMS)]
+    pub max_session_items: usize,
 
     /// Maximum time a partition file stays open before it is finished and uploaded.
     #[arg(long, env = "IMPRESSION_SERVER_UPLOAD_INTERVAL", default_value = DEFAULT_UPLOAD_INTERVAL, value_parser = parse_duration)]
@@ -179,6 +198,19 @@ pub struct ServeConfig {
     /// How much of the client address is stored.
     #[arg(long, env = "IMPRESSION_SERVER_IP_MODE", value_enum, default_value_t = IpMode::Full)]
     pub ip_mode: IpMode,
+
+    /// Format of the log lines on standard error.
+    #[arg(long, env = "IMPRESSION_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Format of the log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// A write key; its `Debug` form hides the value so that it never reaches a log.
@@ -247,6 +279,7 @@ pub struct Settings {
     pub output_dir: PathBuf,
     pub session_timeout: Duration,
     pub max_session_duration: Duration,
+    pub max_session_items: usize,
     pub upload_interval: Duration,
     pub max_file_bytes: u64,
     pub codec: CodecName,
@@ -262,6 +295,7 @@ pub struct Settings {
     pub cors_origins: CorsOrigins,
     pub trusted_proxies: Vec<IpNet>,
     pub ip_mode: IpMode,
+    pub log_format: LogFormat,
 }
 
 // === impl ServeConfig ===
@@ -310,6 +344,7 @@ impl ServeConfig {
             ("max-batch-items", self.max_batch_items),
             ("max-string-bytes", self.max_string_bytes),
             ("max-map-keys", self.max_map_keys),
+            ("max-session-items", self.max_session_items),
         ] {
             if value == 0 {
                 return Err(invalid(flag, "must be greater than 0"));
@@ -343,6 +378,7 @@ impl ServeConfig {
             output_dir: PathBuf::from(self.output),
             session_timeout: self.session_timeout,
             max_session_duration: self.max_session_duration,
+            max_session_items: self.max_session_items,
             upload_interval: self.upload_interval,
             max_file_bytes: self.max_file_bytes,
             codec: self.codec,
@@ -363,6 +399,7 @@ impl ServeConfig {
             cors_origins,
             trusted_proxies: self.trusted_proxies,
             ip_mode: self.ip_mode,
+            log_format: self.log_format,
         })
     }
 }
@@ -446,9 +483,10 @@ mod tests {
         let cli =
             Cli::try_parse_from(std::iter::once("impression-server").chain(args.iter().copied()))
                 .map_err(|err| err.to_string())?;
-        cli.into_serve_config()
-            .validate()
-            .map_err(|err| err.to_string())
+        match cli.into_command() {
+            Command::Serve(config) => config.validate().map_err(|err| err.to_string()),
+            Command::Healthcheck(args) => Err(format!("healthcheck {}", args.url)),
+        }
     }
 
     #[test]

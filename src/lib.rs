@@ -13,7 +13,10 @@
 //! - [`avro`]: the record schema from `proto/session.avsc` and the encoding.
 //! - [`writer`]: one open Avro file per UTC hour, on a thread of its own.
 //! - [`store`]: where finished files are published.
+//! - [`metrics`]: the Prometheus metrics of all of the above.
+//! - [`log_limit`]: rate limiting for repeated warnings.
 //! - [`clock`]: the wall clock behind every time written into a record.
+//! - [`healthcheck`]: the `healthcheck` subcommand for container health checks.
 //!
 //! [`run`] wires them together and owns every task it starts, until shutdown.
 
@@ -22,8 +25,11 @@ pub mod avro;
 pub mod batch;
 pub mod clock;
 pub mod config;
+pub mod healthcheck;
 pub mod intake;
 pub mod limits;
+pub mod log_limit;
+pub mod metrics;
 pub mod serve;
 pub mod session;
 pub mod store;
@@ -43,10 +49,14 @@ use crate::api::AppState;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::intake::Intake;
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
 use crate::session::{CloseReason, SessionLimits, SessionStore};
 use crate::store::{LocalDirStore, ObjectStore, StoreError};
 use crate::writer::{FinishedFile, PartitionWriter, WriterCommand, WriterReport, WriterSettings};
 
+/// Shortest time between two lines of the same repeated warning.
+const REPEATED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the sweeper closes expired sessions.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// First wait before a failed publish is retried; it doubles up to [`MAX_RETRY_DELAY`].
@@ -124,8 +134,12 @@ pub async fn run(
     let limits = SessionLimits {
         timeout: settings.session_timeout,
         max_duration: settings.max_session_duration,
+        max_items: settings.max_session_items,
     };
-    let sessions = Arc::new(SessionStore::new(limits, Box::new(command_tx.clone())));
+    let metrics = Arc::new(Metrics::new());
+    let sessions = Arc::new(
+        SessionStore::new(limits, Box::new(command_tx.clone())).with_metrics(metrics.clone()),
+    );
     let stop = CancellationToken::new();
     let sweeper_task = tokio::spawn(sweep_expired(sessions.clone(), clock.clone(), stop.clone()));
 
@@ -133,7 +147,9 @@ pub async fn run(
         sessions: sessions.clone(),
         clock: clock.clone(),
         intake: Arc::new(Intake::from_settings(&settings)),
+        metrics: metrics.clone(),
         draining: Arc::new(AtomicBool::new(false)),
+        rejected_log: Arc::new(LogLimiter::new(REPEATED_WARNING_INTERVAL)),
     };
     let server_task = tokio::spawn(serve::serve(
         listener,

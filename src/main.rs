@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Parser;
 use clap::error::ErrorKind;
 use impression_server::clock::SystemClock;
-use impression_server::config::Cli;
+use impression_server::config::{Cli, Command, HealthcheckArgs, LogFormat};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tokio::sync::oneshot;
@@ -34,18 +34,24 @@ fn main() -> ExitCode {
         }
         Err(err) => return config_error(&err.to_string()),
     };
-    let settings = match cli.into_serve_config().validate() {
+    let config = match cli.into_command() {
+        Command::Serve(config) => config,
+        Command::Healthcheck(args) => return healthcheck(&args),
+    };
+    let settings = match config.validate() {
         Ok(settings) => settings,
         Err(err) => return config_error(&format!("error: {err}")),
     };
 
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    info!(version = env!("CARGO_PKG_VERSION"), config = ?settings, "starting");
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -126,6 +132,17 @@ fn shutdown_signal() -> std::io::Result<oneshot::Receiver<()>> {
             }
         })?;
     Ok(first_rx)
+}
+
+/// Runs the `healthcheck` subcommand: status 0 when the server is ready, 1 otherwise.
+fn healthcheck(args: &HealthcheckArgs) -> ExitCode {
+    match impression_server::healthcheck::check(&args.url, args.timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// Prints one line for an invalid configuration and returns status 64.

@@ -12,7 +12,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +22,10 @@ use hashbrown::HashTable;
 use uuid::Uuid;
 
 use crate::batch::{Batch, Context, Event, Impression, StringMap};
+use crate::metrics::Metrics;
+
+/// Estimated bytes of one entry in a duplicate index (a `u32` and its control byte, with slack).
+const INDEX_ENTRY_BYTES: usize = 8;
 
 /// Reason a session was closed; the order matches the `CloseReason` enum of `proto/session.avsc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,6 +37,21 @@ pub enum CloseReason {
     SessionKeyChanged,
     Shutdown,
     Flush,
+}
+
+impl CloseReason {
+    /// Returns the reason's symbol in the Avro schema.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Inactivity => "inactivity",
+            CloseReason::MaxDuration => "max_duration",
+            CloseReason::MaxSize => "max_size",
+            CloseReason::MemoryPressure => "memory_pressure",
+            CloseReason::SessionKeyChanged => "session_key_changed",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Flush => "flush",
+        }
+    }
 }
 
 /// A finished session, as written to the Avro file.
@@ -75,7 +94,12 @@ pub struct SessionLimits {
     pub timeout: Duration,
     /// Maximum session duration; a longer session continues as a linked session.
     pub max_duration: Duration,
+    /// Impressions plus events at which a session is cut and continues as a linked session.
+    pub max_items: usize,
 }
+
+/// Default number of impressions plus events at which a session is cut.
+pub const DEFAULT_MAX_SESSION_ITEMS: usize = 10_000;
 
 /// Client details from the connection and headers, beside the body.
 #[derive(Debug, Clone, Default)]
@@ -89,9 +113,19 @@ pub struct ClientInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recorded {
     pub session_id: Uuid,
+    /// Whether this batch opened the session.
+    pub opened: bool,
     pub impressions: usize,
     pub events: usize,
-    pub duplicates: usize,
+    pub duplicate_impressions: usize,
+    pub duplicate_events: usize,
+}
+
+impl Recorded {
+    /// Returns the items dropped because their id was already in the session.
+    pub fn duplicates(&self) -> usize {
+        self.duplicate_impressions + self.duplicate_events
+    }
 }
 
 /// A batch that could not be recorded.
@@ -113,6 +147,9 @@ pub struct SessionStore {
     /// Hashes item ids for the per-session duplicate index.
     id_hasher: RandomState,
     sink: Box<dyn SessionSink>,
+    metrics: Arc<Metrics>,
+    /// Estimated heap bytes of all active sessions.
+    resident_bytes: AtomicI64,
 }
 
 /// An active session.
@@ -125,6 +162,8 @@ struct Session {
     last_active_ms: i64,
     /// Accepted requests; 0 for a continuation that has not heard from the device yet.
     requests: u32,
+    /// Estimated heap bytes of the stored items and context.
+    bytes: usize,
     ip_address: Option<Box<str>>,
     context: Context,
     args: StringMap,
@@ -154,7 +193,31 @@ impl SessionStore {
             limits,
             id_hasher: RandomState::new(),
             sink,
+            metrics: Arc::new(Metrics::new()),
+            resident_bytes: AtomicI64::new(0),
         }
+    }
+
+    /// Reports opened and closed sessions and their memory to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Returns the estimated heap bytes of all active sessions.
+    pub fn resident_bytes(&self) -> i64 {
+        self.resident_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Hands a closed session to the sink and accounts for it.
+    fn hand_off(&self, closed: ClosedSession, bytes: usize) {
+        self.resident_bytes
+            .fetch_sub(bytes_i64(bytes), Ordering::Relaxed);
+        let duration_ms = closed.end_time_ms.saturating_sub(closed.start_time_ms);
+        let items = closed.impressions.len() + closed.events.len();
+        self.metrics
+            .session_closed(closed.close_reason, duration_ms as f64 / 1000.0, items);
+        self.sink.closed(closed);
     }
 
     /// Records a validated batch into its device's session, opening or replacing the session
@@ -173,16 +236,18 @@ impl SessionStore {
                     let mut session = occupied.into_ref();
                     if let Some(reason) = session.close_reason_before(&batch, now_ms, &self.limits)
                     {
-                        let next = if reason == CloseReason::MaxDuration {
-                            Session::continuing(&session, now_ms)
-                        } else {
-                            Session::new(now_ms)
-                        };
+                        let next =
+                            if matches!(reason, CloseReason::MaxDuration | CloseReason::MaxSize) {
+                                Session::continuing(&session, now_ms)
+                            } else {
+                                Session::new(now_ms)
+                            };
                         let old = std::mem::replace(&mut *session, next);
                         // Handed on under the shard lock: `close_all` takes this lock after us, so
                         // the writer gets this session before its final command.
+                        let old_bytes = old.bytes;
                         if let Some(closed) = old.close(reason, now_ms, &batch.device_id) {
-                            self.sink.closed(closed);
+                            self.hand_off(closed, old_bytes);
                         }
                         scheduled = Some(session.id);
                     }
@@ -194,8 +259,16 @@ impl SessionStore {
                     session
                 }
             };
-            session.apply(batch, client, &self.id_hasher)
+            let bytes_before = session.bytes;
+            let recorded = session.apply(batch, client, &self.id_hasher);
+            let added = session.bytes.saturating_sub(bytes_before);
+            self.resident_bytes
+                .fetch_add(bytes_i64(added), Ordering::Relaxed);
+            recorded
         };
+        if recorded.0.opened {
+            self.metrics.session_opened();
+        }
 
         if let Some(session_id) = scheduled {
             // Every session starts with one queue entry at its earliest possible deadline.
@@ -221,31 +294,38 @@ impl SessionStore {
             };
             let Some(Reverse(due)) = due else { break };
 
-            let mut closed = None;
+            let mut closed: Option<(ClosedSession, usize)> = None;
             let mut rescheduled = None;
             if let Entry::Occupied(occupied) = self.sessions.entry(due.device_id.clone()) {
                 let session = occupied.get();
                 if session.id != due.session_id {
                     // A newer session replaced this one and has its own entry.
                 } else if let Some(reason) = session.expiry(now_ms, &self.limits) {
-                    if reason == CloseReason::MaxDuration {
+                    if matches!(reason, CloseReason::MaxDuration | CloseReason::MaxSize) {
                         let mut occupied = occupied;
                         let next = Session::continuing(occupied.get(), now_ms);
                         let next_deadline = next.deadline_ms(&self.limits);
                         rescheduled = Some((next.id, next_deadline));
                         let old = std::mem::replace(occupied.get_mut(), next);
-                        closed = old.close(reason, now_ms, &due.device_id);
+                        let bytes = old.bytes;
+                        closed = old
+                            .close(reason, now_ms, &due.device_id)
+                            .map(|c| (c, bytes));
                     } else {
-                        closed = occupied.remove().close(reason, now_ms, &due.device_id);
+                        let old = occupied.remove();
+                        let bytes = old.bytes;
+                        closed = old
+                            .close(reason, now_ms, &due.device_id)
+                            .map(|c| (c, bytes));
                     }
                 } else {
                     rescheduled = Some((session.id, session.deadline_ms(&self.limits)));
                 }
             }
 
-            if let Some(closed) = closed {
+            if let Some((closed, bytes)) = closed {
                 closed_count += 1;
-                self.sink.closed(closed);
+                self.hand_off(closed, bytes);
             }
             if let Some((session_id, at_ms)) = rescheduled {
                 self.schedule(Deadline {
@@ -275,9 +355,10 @@ impl SessionStore {
             let Some((device_id, session)) = self.sessions.remove(&device_id) else {
                 continue;
             };
+            let bytes = session.bytes;
             if let Some(closed) = session.close(reason, now_ms, &device_id) {
                 closed_count += 1;
-                self.sink.closed(closed);
+                self.hand_off(closed, bytes);
             }
         }
         self.lock_deadlines().clear();
@@ -322,6 +403,7 @@ impl Session {
             start_ms: now_ms,
             last_active_ms: now_ms,
             requests: 0,
+            bytes: 0,
             ip_address: None,
             context: Context::default(),
             args: StringMap::default(),
@@ -357,6 +439,10 @@ impl Session {
         if self.requests > 0 && now_ms.saturating_sub(self.start_ms) >= millis(limits.max_duration)
         {
             return Some(CloseReason::MaxDuration);
+        }
+        // A full session is cut before the batch, so the batch starts the continuation.
+        if self.impressions.len() + self.events.len() >= limits.max_items {
+            return Some(CloseReason::MaxSize);
         }
         match &batch.session_key {
             Some(key) if self.session_key.as_ref() != Some(key) => {
@@ -396,6 +482,7 @@ impl Session {
     ) -> (Recorded, Box<str>) {
         let now_ms = batch.received_ms;
         if self.requests == 0 {
+            self.bytes += std::mem::size_of::<Session>();
             self.start_ms = now_ms;
             self.session_key = batch.session_key;
             self.ip_address = client.ip_address;
@@ -409,13 +496,17 @@ impl Session {
         fill(&mut self.context.referrer, context.referrer);
         fill(&mut self.context.user_agent, user_agent);
         fill(&mut self.context.client_type, context.client_type);
+        self.bytes = self.bytes.saturating_sub(self.args.heap_bytes());
         merge(&mut self.args, batch.args);
+        self.bytes += self.args.heap_bytes();
 
         let mut recorded = Recorded {
             session_id: self.id,
+            opened: self.requests == 1,
             impressions: 0,
             events: 0,
-            duplicates: 0,
+            duplicate_impressions: 0,
+            duplicate_events: 0,
         };
         for impression in batch.impressions {
             let impressions = &self.impressions;
@@ -424,13 +515,14 @@ impl Session {
                 impressions[at as usize].impression_id == impression.impression_id
             });
             if found.is_some() {
-                recorded.duplicates += 1;
+                recorded.duplicate_impressions += 1;
                 continue;
             }
             let at = index_of(impressions.len());
             self.impression_index.insert_unique(hash, at, |&at| {
                 hasher.hash_one(&*impressions[at as usize].impression_id)
             });
+            self.bytes += impression.heap_bytes() + INDEX_ENTRY_BYTES;
             self.impressions.push(impression);
             recorded.impressions += 1;
         }
@@ -443,7 +535,7 @@ impl Session {
                 .find(hash, |&at| events[at as usize].event_id == event.event_id)
                 .is_some()
             {
-                recorded.duplicates += 1;
+                recorded.duplicate_events += 1;
                 continue;
             }
             if event.feature.is_none() {
@@ -454,6 +546,7 @@ impl Session {
             self.event_index.insert_unique(hash, at, |&at| {
                 hasher.hash_one(&*events[at as usize].event_id)
             });
+            self.bytes += event.heap_bytes() + INDEX_ENTRY_BYTES;
             self.events.push(event);
             recorded.events += 1;
         }
@@ -518,6 +611,10 @@ fn merge(args: &mut StringMap, update: StringMap) {
     }
 }
 
+fn bytes_i64(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 fn index_of(len: usize) -> u32 {
     // A session cannot hold 4 billion items: the body limit and max duration bound it far lower.
     u32::try_from(len).unwrap_or(u32::MAX)
@@ -540,6 +637,7 @@ mod tests {
         let limits = SessionLimits {
             timeout: Duration::from_secs(30 * 60),
             max_duration: Duration::from_secs(24 * 3600),
+            max_items: 10,
         };
         (SessionStore::new(limits, Box::new(closed.clone())), closed)
     }
@@ -574,8 +672,8 @@ mod tests {
                 ClientInfo::default(),
             )
             .unwrap();
-        assert_eq!((first.impressions, first.duplicates), (2, 0));
-        assert_eq!((retry.impressions, retry.duplicates), (1, 2));
+        assert_eq!((first.impressions, first.duplicates()), (2, 0));
+        assert_eq!((retry.impressions, retry.duplicates()), (1, 2));
         assert_eq!(first.session_id, retry.session_id);
 
         store.close_all(CloseReason::Shutdown, T0 + 2);
@@ -598,7 +696,7 @@ mod tests {
         let recorded = store
             .record(batch(json, T0), ClientInfo::default())
             .unwrap();
-        assert_eq!((recorded.events, recorded.duplicates), (2, 1));
+        assert_eq!((recorded.events, recorded.duplicates()), (2, 1));
 
         store.close_all(CloseReason::Shutdown, T0);
         let closed = closed.lock().unwrap();
@@ -799,6 +897,38 @@ mod tests {
         store.close_expired(T0 + 25 * hour_ms);
         assert!(store.is_empty());
         assert_eq!(closed.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn full_session_continues_as_linked_session() {
+        let (store, closed) = store();
+        let ids: Vec<String> = (0..8).map(|n| n.to_string()).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let first = store
+            .record(batch(&impressions("d", &ids), T0), ClientInfo::default())
+            .unwrap();
+        let second = store
+            .record(
+                batch(&impressions("d", &["8", "9"]), T0 + 1),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        assert_eq!(first.session_id, second.session_id, "10 items fit");
+        let third = store
+            .record(
+                batch(&impressions("d", &["10"]), T0 + 2),
+                ClientInfo::default(),
+            )
+            .unwrap();
+        assert_ne!(third.session_id, first.session_id);
+        assert!(third.opened);
+
+        store.close_all(CloseReason::Shutdown, T0 + 3);
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed[0].close_reason, CloseReason::MaxSize);
+        assert_eq!(closed[0].impressions.len(), 10);
+        assert_eq!(closed[1].previous_session_id, Some(first.session_id));
+        assert_eq!(closed[1].impressions.len(), 1);
     }
 
     #[test]

@@ -1,0 +1,438 @@
+//! Prometheus metrics, served at `GET /metrics` in the text format.
+//!
+//! Every name starts with `impression_server_`. Labels come only from closed sets (route
+//! template, status class, item kind, close reason, rejection reason), never from ids or error
+//! text, so the number of series stays fixed.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::session::{CloseReason, Recorded};
+
+/// The routes a request is counted under; anything else is `other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    Collect,
+    SessionsCount,
+    Healthz,
+    Readyz,
+    Metrics,
+    Other,
+}
+
+/// A response status, by its first digit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+}
+
+/// Impressions or events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemKind {
+    Impression,
+    Event,
+}
+
+/// Whether a failed upload is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    Retryable,
+    Fatal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: Route,
+    status_class: StatusClass,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: Route,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: ItemKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CloseLabels {
+    reason: CloseReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabels {
+    kind: FailureKind,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    http_requests: Family<RequestLabels, Counter>,
+    http_duration: HistogramFamily<RouteLabels>,
+    items_accepted: Family<KindLabels, Counter>,
+    items_duplicate: Family<KindLabels, Counter>,
+    batches_rejected: Family<ReasonLabels, Counter>,
+    sessions_opened: Counter,
+    sessions_closed: Family<CloseLabels, Counter>,
+    session_duration: Histogram,
+    session_items: Histogram,
+    files_written: Counter,
+    files_uploaded: Counter,
+    uploaded_bytes: Counter,
+    upload_failures: Family<FailureLabels, Counter>,
+    upload_duration: Histogram,
+    /// Set at scrape time from the session store.
+    pub sessions_active: Gauge,
+    /// Estimated heap bytes of the active sessions.
+    pub session_bytes: Gauge,
+    pub spool_files: Gauge,
+    pub spool_bytes: Gauge,
+    pub oldest_pending_data_age: Gauge<f64, AtomicU64>,
+    pub ready: Gauge,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sub = registry.sub_registry_with_prefix("impression_server");
+
+        let http_requests = Family::default();
+        sub.register(
+            "http_requests",
+            "HTTP requests by route and status class",
+            http_requests.clone(),
+        );
+        let http_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(request_histogram);
+        sub.register_with_unit(
+            "http_request_duration",
+            "Time from request to response",
+            Unit::Seconds,
+            http_duration.clone(),
+        );
+        let items_accepted = Family::default();
+        sub.register(
+            "items_accepted",
+            "Impressions and events stored",
+            items_accepted.clone(),
+        );
+        let items_duplicate = Family::default();
+        sub.register(
+            "items_duplicate",
+            "Impressions and events dropped because their id was already in the session",
+            items_duplicate.clone(),
+        );
+        let batches_rejected = Family::default();
+        sub.register(
+            "batches_rejected",
+            "Batches rejected, by error code",
+            batches_rejected.clone(),
+        );
+
+        let sessions_opened = Counter::default();
+        sub.register(
+            "sessions_opened",
+            "Sessions opened",
+            sessions_opened.clone(),
+        );
+        let sessions_closed = Family::default();
+        sub.register(
+            "sessions_closed",
+            "Sessions closed, by reason",
+            sessions_closed.clone(),
+        );
+        let session_duration = Histogram::new(exponential_buckets(1.0, 4.0, 9));
+        sub.register_with_unit(
+            "session_duration",
+            "Time from a session's first to its last request",
+            Unit::Seconds,
+            session_duration.clone(),
+        );
+        let session_items = Histogram::new(exponential_buckets(1.0, 4.0, 9));
+        sub.register(
+            "session_items",
+            "Impressions and events per closed session",
+            session_items.clone(),
+        );
+
+        let files_written = Counter::default();
+        sub.register(
+            "files_written",
+            "Avro files finished",
+            files_written.clone(),
+        );
+        let files_uploaded = Counter::default();
+        sub.register(
+            "files_uploaded",
+            "Avro files uploaded to the output",
+            files_uploaded.clone(),
+        );
+        let uploaded_bytes = Counter::default();
+        sub.register(
+            "uploaded_bytes",
+            "Bytes of Avro files uploaded to the output",
+            uploaded_bytes.clone(),
+        );
+        let upload_failures = Family::default();
+        sub.register(
+            "upload_failures",
+            "Failed upload attempts, by kind",
+            upload_failures.clone(),
+        );
+        let upload_duration = Histogram::new(exponential_buckets(0.005, 4.0, 9));
+        sub.register_with_unit(
+            "upload_duration",
+            "Time to upload one file, retries included",
+            Unit::Seconds,
+            upload_duration.clone(),
+        );
+
+        let sessions_active = Gauge::default();
+        sub.register(
+            "sessions_active",
+            "Active sessions",
+            sessions_active.clone(),
+        );
+        let session_bytes = Gauge::default();
+        sub.register(
+            "session_bytes",
+            "Estimated heap bytes of the active sessions",
+            session_bytes.clone(),
+        );
+        let spool_files = Gauge::default();
+        sub.register(
+            "spool_files",
+            "Finished files waiting for upload",
+            spool_files.clone(),
+        );
+        let spool_bytes = Gauge::default();
+        sub.register(
+            "spool_bytes",
+            "Bytes of finished files waiting for upload",
+            spool_bytes.clone(),
+        );
+        let oldest_pending_data_age = Gauge::<f64, AtomicU64>::default();
+        sub.register_with_unit(
+            "oldest_pending_data_age",
+            "Age of the oldest closed session not yet uploaded",
+            Unit::Seconds,
+            oldest_pending_data_age.clone(),
+        );
+        let ready = Gauge::default();
+        sub.register(
+            "ready",
+            "1 while the server takes traffic, 0 while it shuts down",
+            ready.clone(),
+        );
+
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            items_accepted,
+            items_duplicate,
+            batches_rejected,
+            sessions_opened,
+            sessions_closed,
+            session_duration,
+            session_items,
+            files_written,
+            files_uploaded,
+            uploaded_bytes,
+            upload_failures,
+            upload_duration,
+            sessions_active,
+            session_bytes,
+            spool_files,
+            spool_bytes,
+            oldest_pending_data_age,
+            ready,
+        }
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            // Writing into a String cannot fail; an empty scrape is the safe answer if it did.
+            text.clear();
+        }
+        text
+    }
+
+    pub fn request_finished(&self, route: Route, status: u16, seconds: f64) {
+        let status_class = StatusClass::of(status);
+        self.http_requests
+            .get_or_create(&RequestLabels {
+                route,
+                status_class,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(seconds);
+    }
+
+    pub fn items_recorded(&self, recorded: &Recorded) {
+        let Recorded {
+            impressions,
+            events,
+            duplicate_impressions,
+            duplicate_events,
+            ..
+        } = *recorded;
+        let add = |family: &Family<KindLabels, Counter>, kind, count: usize| {
+            if count > 0 {
+                family
+                    .get_or_create(&KindLabels { kind })
+                    .inc_by(count as u64);
+            }
+        };
+        add(&self.items_accepted, ItemKind::Impression, impressions);
+        add(&self.items_accepted, ItemKind::Event, events);
+        add(
+            &self.items_duplicate,
+            ItemKind::Impression,
+            duplicate_impressions,
+        );
+        add(&self.items_duplicate, ItemKind::Event, duplicate_events);
+    }
+
+    pub fn batch_rejected(&self, reason: &'static str) {
+        self.batches_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn session_opened(&self) {
+        self.sessions_opened.inc();
+    }
+
+    pub fn session_closed(&self, reason: CloseReason, duration_seconds: f64, items: usize) {
+        self.sessions_closed
+            .get_or_create(&CloseLabels { reason })
+            .inc();
+        self.session_duration.observe(duration_seconds);
+        self.session_items.observe(items as f64);
+    }
+
+    pub fn file_written(&self) {
+        self.files_written.inc();
+    }
+
+    pub fn file_uploaded(&self, bytes: u64, seconds: f64) {
+        self.files_uploaded.inc();
+        self.uploaded_bytes.inc_by(bytes);
+        self.upload_duration.observe(seconds);
+    }
+
+    pub fn upload_failed(&self, kind: FailureKind) {
+        self.upload_failures
+            .get_or_create(&FailureLabels { kind })
+            .inc();
+    }
+
+    /// Returns a counter's current value, for tests and logs.
+    pub fn accepted(&self, kind: ItemKind) -> u64 {
+        self.items_accepted
+            .get_or_create(&KindLabels { kind })
+            .get()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn request_histogram() -> Histogram {
+    // 0.25 ms to about 4 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.5, 12))
+}
+
+// === label values ===
+
+impl StatusClass {
+    fn of(status: u16) -> Self {
+        match status {
+            100..=199 => StatusClass::Informational,
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirection,
+            400..=499 => StatusClass::ClientError,
+            _ => StatusClass::ServerError,
+        }
+    }
+}
+
+impl EncodeLabelValue for Route {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Route::Collect => "/v1/collect",
+            Route::SessionsCount => "/v1/sessions/count",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Other => "other",
+        })
+    }
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            StatusClass::Informational => "1xx",
+            StatusClass::Success => "2xx",
+            StatusClass::Redirection => "3xx",
+            StatusClass::ClientError => "4xx",
+            StatusClass::ServerError => "5xx",
+        })
+    }
+}
+
+impl EncodeLabelValue for ItemKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            ItemKind::Impression => "impression",
+            ItemKind::Event => "event",
+        })
+    }
+}
+
+impl EncodeLabelValue for FailureKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            FailureKind::Retryable => "retryable",
+            FailureKind::Fatal => "fatal",
+        })
+    }
+}
+
+impl EncodeLabelValue for CloseReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
