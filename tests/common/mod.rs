@@ -32,8 +32,13 @@ pub struct Server {
 impl Server {
     /// Starts the binary on `127.0.0.1:0` writing to `output`, and waits until it listens.
     pub fn start(output: &Path, extra_args: &[&str]) -> Server {
+        Server::start_named(output, "test-server", extra_args)
+    }
+
+    /// Starts the binary like [`Server::start`], with `server_id` as its `--server-id`.
+    pub fn start_named(output: &Path, server_id: &str, extra_args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_impression-server"))
-            .args(["--listen", "127.0.0.1:0", "--server-id", "test-server"])
+            .args(["--listen", "127.0.0.1:0", "--server-id", server_id])
             .arg("--output")
             .arg(output)
             .args(extra_args)
