@@ -756,6 +756,42 @@ mod tests {
         );
     }
 
+    #[test]
+    fn every_error_code_is_a_metric_label() {
+        let errors = [
+            ApiError::Batch(BatchError {
+                kind: BatchErrorKind::InvalidJson,
+                field: String::new(),
+                message: String::new(),
+            }),
+            ApiError::Batch(BatchError {
+                kind: BatchErrorKind::InvalidField,
+                field: String::new(),
+                message: String::new(),
+            }),
+            ApiError::InvalidHeader {
+                field: "f",
+                message: "m",
+            },
+            ApiError::MissingWriteKey,
+            ApiError::InvalidWriteKey,
+            ApiError::BodyTooLarge { limit_bytes: 1 },
+            ApiError::DecompressedTooLarge { limit_bytes: 1 },
+            ApiError::UnsupportedEncoding {
+                encoding: String::new(),
+            },
+            ApiError::InvalidGzip,
+            ApiError::BodyRead,
+            ApiError::BodyReadTimeout,
+            ApiError::ShuttingDown,
+            ApiError::NotFound,
+        ];
+        for error in errors {
+            let code = error.classify().1;
+            assert!(crate::metrics::REJECTION_REASONS.contains(&code), "{code}");
+        }
+    }
+
     #[tokio::test]
     async fn operations_endpoints_answer() {
         let harness = Harness::new();

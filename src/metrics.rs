@@ -16,6 +16,21 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::session::{CloseReason, Recorded};
 
+/// The error codes a batch can be rejected with, as `ApiError` names them.
+pub const REJECTION_REASONS: [&str; 11] = [
+    "invalid_json",
+    "invalid_field",
+    "invalid_gzip",
+    "body_read_failed",
+    "missing_write_key",
+    "invalid_write_key",
+    "body_too_large",
+    "unsupported_encoding",
+    "body_read_timeout",
+    "shutting_down",
+    "not_found",
+];
+
 /// The routes a request is counted under; anything else is `other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
@@ -248,6 +263,31 @@ impl Metrics {
             ready.clone(),
         );
 
+        // Every series of the closed label sets exists from the start at zero, so rates and
+        // alerts work before the first event of a kind.
+        for route in Route::ALL {
+            drop(http_duration.get_or_create(&RouteLabels { route }));
+            for status_class in StatusClass::ALL {
+                drop(http_requests.get_or_create(&RequestLabels {
+                    route,
+                    status_class,
+                }));
+            }
+        }
+        for kind in [ItemKind::Impression, ItemKind::Event] {
+            drop(items_accepted.get_or_create(&KindLabels { kind }));
+            drop(items_duplicate.get_or_create(&KindLabels { kind }));
+        }
+        for reason in REJECTION_REASONS {
+            drop(batches_rejected.get_or_create(&ReasonLabels { reason }));
+        }
+        for reason in CloseReason::ALL {
+            drop(sessions_closed.get_or_create(&CloseLabels { reason }));
+        }
+        for kind in [FailureKind::Retryable, FailureKind::Fatal] {
+            drop(upload_failures.get_or_create(&FailureLabels { kind }));
+        }
+
         Self {
             registry,
             http_requests,
@@ -376,7 +416,26 @@ fn request_histogram() -> Histogram {
 
 // === label values ===
 
+impl Route {
+    const ALL: [Route; 6] = [
+        Route::Collect,
+        Route::SessionsCount,
+        Route::Healthz,
+        Route::Readyz,
+        Route::Metrics,
+        Route::Other,
+    ];
+}
+
 impl StatusClass {
+    const ALL: [StatusClass; 5] = [
+        StatusClass::Informational,
+        StatusClass::Success,
+        StatusClass::Redirection,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+    ];
+
     fn of(status: u16) -> Self {
         match status {
             100..=199 => StatusClass::Informational,
@@ -434,5 +493,39 @@ impl EncodeLabelValue for FailureKind {
 impl EncodeLabelValue for CloseReason {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         encoder.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The dashboard and alert rules in `deploy/` may use only the metrics listed in
+    /// `deploy/metrics.txt`; this holds the list and the code together.
+    #[test]
+    fn exported_names_match_deploy_list() {
+        let listed: BTreeSet<String> = include_str!("../deploy/metrics.txt")
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+
+        let exported: BTreeSet<String> = Metrics::new()
+            .render()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .map(|line| {
+                let (name, kind) = line.split_once(' ').unwrap();
+                let name = if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_owned()
+                };
+                format!("{kind} {name}")
+            })
+            .collect();
+        assert_eq!(exported, listed);
     }
 }

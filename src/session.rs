@@ -40,6 +40,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in the order of the schema's symbols.
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::Inactivity,
+        CloseReason::MaxDuration,
+        CloseReason::MaxSize,
+        CloseReason::MemoryPressure,
+        CloseReason::SessionKeyChanged,
+        CloseReason::Shutdown,
+        CloseReason::Flush,
+    ];
+
     /// Returns the reason's symbol in the Avro schema.
     pub fn as_str(self) -> &'static str {
         match self {
