@@ -36,6 +36,14 @@ pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 /// Default time a client gets to send its request body.
 pub const DEFAULT_BODY_READ_TIMEOUT: &str = "10s";
+/// Default directory where files wait for their upload to an S3 output.
+pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+/// Default size from which a file is uploaded in parts (16 MiB).
+pub const DEFAULT_MULTIPART_THRESHOLD_BYTES: u64 = 16 * 1024 * 1024;
+/// Default number of files uploaded at the same time.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+/// Default time the test write to an S3 output gets at start.
+pub const DEFAULT_S3_CHECK_TIMEOUT: &str = "20s";
 
 /// Smallest accepted `--max-file-bytes`: below it every session would get its own file.
 const MIN_FILE_BYTES: u64 = 4 * 1024;
@@ -43,6 +51,11 @@ const MIN_FILE_BYTES: u64 = 4 * 1024;
 const MIN_JSON_DEPTH: usize = 4;
 /// Longest accepted `--server-id`; it becomes part of every object key.
 const MAX_SERVER_ID_CHARS: usize = 64;
+/// Smallest accepted `--s3-multipart-threshold-bytes`: S3 rejects parts below 5 MiB, except
+/// the last one.
+const MIN_MULTIPART_THRESHOLD_BYTES: u64 = 5 * 1024 * 1024;
+/// Largest accepted `--upload-concurrency`.
+const MAX_UPLOAD_CONCURRENCY: usize = 64;
 
 /// Collects impressions and events into visitor sessions and writes them as hourly Avro files.
 #[derive(Debug, Parser)]
@@ -99,9 +112,43 @@ pub struct ServeConfig {
     #[arg(long, env = "IMPRESSION_SERVER_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
-    /// Output directory for finished files (S3 output is not available yet).
+    /// Output for finished files: `s3://bucket/prefix`, or a local directory.
     #[arg(long, env = "IMPRESSION_SERVER_OUTPUT", default_value = DEFAULT_OUTPUT)]
     pub output: String,
+
+    /// Directory where finished files wait until their upload to an S3 output succeeded.
+    #[arg(long, env = "IMPRESSION_SERVER_SPOOL_DIR", default_value = DEFAULT_SPOOL_DIR)]
+    pub spool_dir: PathBuf,
+
+    /// S3 endpoint URL, for S3-compatible stores, such as `http://127.0.0.1:3900`
+    /// [default: the AWS endpoint of the region].
+    #[arg(long, env = "IMPRESSION_SERVER_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// AWS region of the bucket [default: from the AWS environment and profile].
+    #[arg(long, env = "IMPRESSION_SERVER_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// Address the bucket in the URL path instead of the host name, as most S3-compatible
+    /// stores require.
+    #[arg(long, env = "IMPRESSION_SERVER_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+
+    /// Checksum sent with every upload, so that the store verifies the bytes it received.
+    #[arg(long, env = "IMPRESSION_SERVER_S3_CHECKSUM", value_enum, default_value_t = ChecksumMode::Crc32c)]
+    pub s3_checksum: ChecksumMode,
+
+    /// File size in bytes from which a file is uploaded in parts of this size.
+    #[arg(long, env = "IMPRESSION_SERVER_S3_MULTIPART_THRESHOLD_BYTES", default_value_t = DEFAULT_MULTIPART_THRESHOLD_BYTES)]
+    pub s3_multipart_threshold_bytes: u64,
+
+    /// Time the test write to the S3 output gets at start, credential lookup included.
+    #[arg(long, env = "IMPRESSION_SERVER_S3_CHECK_TIMEOUT", default_value = DEFAULT_S3_CHECK_TIMEOUT, value_parser = parse_duration)]
+    pub s3_check_timeout: Duration,
+
+    /// Number of files uploaded at the same time.
+    #[arg(long, env = "IMPRESSION_SERVER_UPLOAD_CONCURRENCY", default_value_t = DEFAULT_UPLOAD_CONCURRENCY)]
+    pub upload_concurrency: usize,
 
     /// Inactivity after which a session closes, such as `30m` or `90s`.
     #[arg(long, env = "IMPRESSION_SERVER_SESSION_TIMEOUT", default_value = DEFAULT_SESSION_TIMEOUT, value_parser = parse_duration)]
@@ -265,6 +312,15 @@ pub enum CodecName {
     Zstandard,
 }
 
+/// The checksums an upload can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ChecksumMode {
+    /// CRC32C of the body, computed before the upload and checked by the store.
+    Crc32c,
+    /// No checksum beyond what the transport does.
+    None,
+}
+
 /// A configuration that parses but cannot run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -276,7 +332,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
-    pub output_dir: PathBuf,
+    pub output: Output,
+    pub upload_concurrency: usize,
     pub session_timeout: Duration,
     pub max_session_duration: Duration,
     pub max_session_items: usize,
@@ -298,6 +355,31 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
+/// Destination of finished files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A local directory with the same key layout as the S3 output.
+    Local {
+        dir: PathBuf,
+    },
+    S3(S3Settings),
+}
+
+/// An S3 bucket output and its client settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; empty for the bucket root.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub checksum: ChecksumMode,
+    pub spool_dir: PathBuf,
+    pub multipart_threshold_bytes: u64,
+    pub check_timeout: Duration,
+}
+
 // === impl ServeConfig ===
 
 impl ServeConfig {
@@ -308,18 +390,7 @@ impl ServeConfig {
             problem: problem.to_owned(),
         };
 
-        if self.output.starts_with("s3://") {
-            return Err(invalid(
-                "output",
-                "S3 output is not available yet, use a local directory",
-            ));
-        }
-        if self.output.contains("://") {
-            return Err(invalid("output", "expected a local directory path"));
-        }
-        if self.output.is_empty() {
-            return Err(invalid("output", "must not be empty"));
-        }
+        let output = self.parse_output()?;
         for (flag, value) in [
             ("session-timeout", self.session_timeout),
             ("max-session-duration", self.max_session_duration),
@@ -366,6 +437,9 @@ impl ServeConfig {
         }
         let cors_origins = parse_cors_origins(&self.cors_origins)
             .map_err(|problem| invalid("cors-origins", &problem))?;
+        if self.upload_concurrency == 0 || self.upload_concurrency > MAX_UPLOAD_CONCURRENCY {
+            return Err(invalid("upload-concurrency", "must be 1 to 64"));
+        }
 
         let server_id = match self.server_id {
             Some(id) => id,
@@ -375,7 +449,8 @@ impl ServeConfig {
 
         Ok(Settings {
             listen: self.listen,
-            output_dir: PathBuf::from(self.output),
+            output,
+            upload_concurrency: self.upload_concurrency,
             session_timeout: self.session_timeout,
             max_session_duration: self.max_session_duration,
             max_session_items: self.max_session_items,
@@ -401,6 +476,83 @@ impl ServeConfig {
             ip_mode: self.ip_mode,
             log_format: self.log_format,
         })
+    }
+}
+
+// === impl ServeConfig, output ===
+
+impl ServeConfig {
+    /// Resolves `--output` and, for an S3 output, checks the flags that go with it.
+    fn parse_output(&self) -> Result<Output, ConfigError> {
+        let invalid = |flag, problem: String| ConfigError::Invalid { flag, problem };
+
+        let Some(location) = self.output.strip_prefix("s3://") else {
+            if self.output.contains("://") {
+                return Err(invalid(
+                    "output",
+                    format!(
+                        "{} is not supported, expected s3://bucket/prefix or a local directory",
+                        self.output
+                    ),
+                ));
+            }
+            if self.output.is_empty() {
+                return Err(invalid("output", "must not be empty".to_owned()));
+            }
+            return Ok(Output::Local {
+                dir: PathBuf::from(&self.output),
+            });
+        };
+
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        check_bucket_name(bucket).map_err(|problem| {
+            invalid(
+                "output",
+                format!("invalid bucket name {bucket:?}: {problem}"),
+            )
+        })?;
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|part| part == "." || part == "..") {
+            return Err(invalid(
+                "output",
+                format!("prefix {prefix:?} must not contain . or .. segments"),
+            ));
+        }
+        if let Some(endpoint) = &self.s3_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "s3-endpoint",
+                format!("{endpoint} must start with http:// or https://"),
+            ));
+        }
+        if self.s3_multipart_threshold_bytes < MIN_MULTIPART_THRESHOLD_BYTES {
+            return Err(invalid(
+                "s3-multipart-threshold-bytes",
+                format!("must be at least {MIN_MULTIPART_THRESHOLD_BYTES} (5 MiB)"),
+            ));
+        }
+        if self.s3_check_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "s3-check-timeout",
+                "must be at least 1s".to_owned(),
+            ));
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("spool-dir", "must not be empty".to_owned()));
+        }
+
+        Ok(Output::S3(S3Settings {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            force_path_style: self.s3_force_path_style,
+            checksum: self.s3_checksum,
+            spool_dir: self.spool_dir.clone(),
+            multipart_threshold_bytes: self.s3_multipart_threshold_bytes,
+            check_timeout: self.s3_check_timeout,
+        }))
     }
 }
 
@@ -475,6 +627,22 @@ fn check_server_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Checks a bucket name against the S3 naming rules that matter for addressing it.
+fn check_bucket_name(name: &str) -> Result<(), &'static str> {
+    if name.len() < 3 || name.len() > 63 {
+        return Err("must be 3 to 63 characters");
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.');
+    if !name.chars().all(allowed) {
+        return Err("may contain only lowercase letters, digits, '-' and '.'");
+    }
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !edge_ok(name.chars().next()) || !edge_ok(name.chars().last()) {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,7 +669,13 @@ mod tests {
         assert_eq!(settings.upload_interval, Duration::from_secs(3600));
         assert_eq!(settings.codec, CodecName::Snappy);
         assert_eq!(settings.max_body_bytes, 1024 * 1024);
-        assert_eq!(settings.output_dir, PathBuf::from("./data"));
+        assert_eq!(
+            settings.output,
+            Output::Local {
+                dir: PathBuf::from("./data")
+            }
+        );
+        assert_eq!(settings.upload_concurrency, 4);
     }
 
     #[test]
@@ -517,9 +691,86 @@ mod tests {
     }
 
     #[test]
-    fn s3_output_is_rejected_for_now() {
-        let err = parse(&["--output", "s3://bucket/prefix", "--server-id", "a"]).unwrap_err();
-        assert!(err.contains("--output"), "{err}");
+    fn s3_output_takes_bucket_and_prefix() {
+        let settings = parse(&[
+            "--output",
+            "s3://logs-bucket/edge/eu/",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--s3-force-path-style",
+            "--server-id",
+            "a",
+        ])
+        .unwrap();
+        let Output::S3(s3) = settings.output else {
+            panic!("expected an S3 output, got {:?}", settings.output);
+        };
+        assert_eq!(s3.bucket, "logs-bucket");
+        assert_eq!(s3.prefix, "edge/eu");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert!(s3.force_path_style);
+        assert_eq!(s3.checksum, ChecksumMode::Crc32c);
+        assert_eq!(s3.spool_dir, PathBuf::from("./spool"));
+        assert_eq!(s3.multipart_threshold_bytes, 16 * 1024 * 1024);
+        assert_eq!(s3.check_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn s3_output_without_prefix() {
+        let settings = parse(&["--output", "s3://logs-bucket", "--server-id", "a"]).unwrap();
+        let Output::S3(s3) = settings.output else {
+            panic!("expected an S3 output");
+        };
+        assert_eq!(s3.bucket, "logs-bucket");
+        assert_eq!(s3.prefix, "");
+    }
+
+    #[test]
+    fn s3_output_rejects_bad_values() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--output", "s3://"], "--output"),
+            (&["--output", "s3://Bad_Bucket/p"], "--output"),
+            (&["--output", "s3://ab/p"], "--output"),
+            (&["--output", "s3://bucket/a/../b"], "--output"),
+            (&["--output", "gs://bucket/p"], "--output"),
+            (
+                &["--output", "s3://bucket", "--s3-endpoint", "127.0.0.1:9000"],
+                "--s3-endpoint",
+            ),
+            (
+                &[
+                    "--output",
+                    "s3://bucket",
+                    "--s3-multipart-threshold-bytes",
+                    "1024",
+                ],
+                "--s3-multipart-threshold-bytes",
+            ),
+            (&["--upload-concurrency", "0"], "--upload-concurrency"),
+        ];
+        for (args, flag) in cases {
+            let mut args = args.to_vec();
+            args.extend(["--server-id", "a"]);
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn s3_checksum_accepts_none() {
+        let settings = parse(&[
+            "--output",
+            "s3://bucket",
+            "--s3-checksum",
+            "none",
+            "--server-id",
+            "a",
+        ])
+        .unwrap();
+        let Output::S3(s3) = settings.output else {
+            panic!("expected an S3 output");
+        };
+        assert_eq!(s3.checksum, ChecksumMode::None);
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! - [`session`]: the sharded map of active sessions and their expiry.
 //! - [`avro`]: the record schema from `proto/session.avsc` and the encoding.
 //! - [`writer`]: one open Avro file per UTC hour, on a thread of its own.
-//! - [`store`]: where finished files are published.
+//! - [`spool`]: the finished files waiting in the staging directory, found again at start.
+//! - [`publish`]: uploads from the staging directory, with retries and bounded concurrency.
+//! - [`store`]: where finished files are published: a local directory or S3.
 //! - [`metrics`]: the Prometheus metrics of all of the above.
 //! - [`log_limit`]: rate limiting for repeated warnings.
 //! - [`clock`]: the wall clock behind every time written into a record.
@@ -30,18 +32,19 @@ pub mod intake;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
+pub mod publish;
 pub mod serve;
 pub mod session;
+pub mod spool;
 pub mod store;
 pub mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -51,17 +54,16 @@ use crate::config::Settings;
 use crate::intake::Intake;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
+use crate::publish::PublishCounts;
 use crate::session::{CloseReason, SessionLimits, SessionStore};
-use crate::store::{LocalDirStore, ObjectStore, StoreError};
+use crate::spool::SpoolContents;
+use crate::store::{ObjectStore, StoreError};
 use crate::writer::{FinishedFile, PartitionWriter, WriterCommand, WriterReport, WriterSettings};
 
 /// Shortest time between two lines of the same repeated warning.
 const REPEATED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the sweeper closes expired sessions.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// First wait before a failed publish is retried; it doubles up to [`MAX_RETRY_DELAY`].
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// A failure that stops the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,14 @@ pub enum StartError {
         #[source]
         source: StoreError,
     },
+    #[error("output is not usable: {0}")]
+    Setup(#[source] StoreError),
+    #[error("failed to read staging directory {dir}: {source}")]
+    Staging {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Counts of the shutdown; `main` exits 0 only when [`ShutdownReport::is_complete`] holds.
@@ -80,8 +90,10 @@ pub struct ShutdownReport {
     pub sessions_closed: usize,
     pub files_written: u64,
     pub files_published: u64,
-    /// Files written but not published in time; they stay in the staging directory.
+    /// Complete files still in the staging directory at exit, from this run or an earlier
+    /// one; the next start publishes them.
     pub files_left: u64,
+    pub bytes_left: u64,
     /// Sessions that could not be encoded or written.
     pub sessions_lost: u64,
 }
@@ -93,13 +105,6 @@ impl ShutdownReport {
     }
 }
 
-/// Counts shared by the publisher and the shutdown report.
-#[derive(Debug, Default)]
-struct PublishCounts {
-    files: AtomicU64,
-    bytes: AtomicU64,
-}
-
 /// Runs the server on `listener` until `shutdown` completes, then closes every session, writes
 /// and publishes every file, and reports what happened.
 pub async fn run(
@@ -108,11 +113,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Arc<dyn Clock>,
 ) -> Result<ShutdownReport, StartError> {
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalDirStore::new(&settings.output_dir));
+    let store = store::open(&settings.output)
+        .await
+        .map_err(StartError::Setup)?;
     store.check().await.map_err(|source| StartError::Storage {
         output: store.describe(),
         source,
     })?;
+    let recovered = recover_staged_files(store.as_ref())?;
 
     // Closed sessions flow to the writer thread, finished files to the publisher task.
     let (command_tx, command_rx) = std::sync::mpsc::channel::<WriterCommand>();
@@ -129,7 +137,14 @@ pub async fn run(
         writer::run_writer(writer, command_rx, finished_tx, writer_clock)
     });
     let published = Arc::new(PublishCounts::default());
-    let publisher_task = tokio::spawn(publish_files(store.clone(), finished_rx, published.clone()));
+    let publisher_task = tokio::spawn(publish::publish_files(
+        store.clone(),
+        recovered,
+        finished_rx,
+        published.clone(),
+        settings.upload_concurrency,
+    ));
+    let publisher_abort = publisher_task.abort_handle();
 
     let limits = SessionLimits {
         timeout: settings.session_timeout,
@@ -192,16 +207,23 @@ pub async fn run(
         Ok(report) => report,
         Err(_) => {
             error!(shutdown_timeout = ?settings.shutdown_timeout, "shutdown timed out before every file was published");
+            // Stops the uploads in flight; their files stay in the staging directory.
+            publisher_abort.abort();
             WriterReport::default()
         }
     };
 
-    let files_published = published.files.load(Ordering::SeqCst);
+    // What is left is counted on disk, so it covers files of earlier runs too.
+    let left = scan_staging(store.as_ref()).unwrap_or_else(|err| {
+        error!(error = %err, "failed to count the files left in the staging directory");
+        SpoolContents::default()
+    });
     let report = ShutdownReport {
         sessions_closed,
         files_written: writer_report.files,
-        files_published,
-        files_left: writer_report.files.saturating_sub(files_published),
+        files_published: published.files.load(Ordering::SeqCst),
+        files_left: left.files.len() as u64,
+        bytes_left: left.bytes(),
         sessions_lost: writer_report.sessions_lost,
     };
     info!(
@@ -210,9 +232,49 @@ pub async fn run(
         files_published = report.files_published,
         bytes_published = published.bytes.load(Ordering::SeqCst),
         files_left = report.files_left,
+        bytes_left = report.bytes_left,
         "shutdown finished"
     );
+    if report.files_left > 0 {
+        error!(
+            files = report.files_left,
+            bytes = report.bytes_left,
+            staging_dir = %store.staging_dir().display(),
+            "files were not published and stay in the staging directory; the next start publishes them"
+        );
+    }
     Ok(report)
+}
+
+/// Finds the files an earlier run left in the staging directory, to publish them first, and
+/// warns about partial files, which a crash cut short and which are kept for inspection.
+fn recover_staged_files(store: &dyn ObjectStore) -> Result<Vec<FinishedFile>, StartError> {
+    let staging = store.staging_dir();
+    let contents = scan_staging(store)?;
+    for partial in &contents.partial {
+        warn!(path = %partial.display(), "partial file from an earlier run is incomplete and is not published; it is kept for inspection");
+    }
+    if !contents.files.is_empty() {
+        info!(
+            files = contents.files.len(),
+            bytes = contents.bytes(),
+            staging_dir = %staging.display(),
+            "publishing files left by an earlier run first"
+        );
+    }
+    // No file is being finished yet, so empty partition folders can go.
+    if let Err(err) = spool::remove_empty_dirs(staging) {
+        warn!(staging_dir = %staging.display(), error = %err, "failed to remove empty folders");
+    }
+    Ok(contents.files)
+}
+
+fn scan_staging(store: &dyn ObjectStore) -> Result<SpoolContents, StartError> {
+    let staging = store.staging_dir();
+    spool::scan(staging).map_err(|source| StartError::Staging {
+        dir: staging.display().to_string(),
+        source,
+    })
 }
 
 /// Closes expired sessions every [`SWEEP_INTERVAL`] until `stop` is cancelled.
@@ -233,31 +295,5 @@ async fn sweep_expired(
                 }
             }
         }
-    }
-}
-
-/// Publishes finished files in order, retrying each until it succeeds.
-async fn publish_files(
-    store: Arc<dyn ObjectStore>,
-    mut finished: UnboundedReceiver<FinishedFile>,
-    published: Arc<PublishCounts>,
-) {
-    while let Some(file) = finished.recv().await {
-        let mut delay = FIRST_RETRY_DELAY;
-        let mut attempt = 1u32;
-        loop {
-            match store.publish(&file.key, &file.path).await {
-                Ok(()) => break,
-                Err(err) => {
-                    warn!(attempt, key = %file.key, error = %err, "publish failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
-                    attempt += 1;
-                }
-            }
-        }
-        published.files.fetch_add(1, Ordering::SeqCst);
-        published.bytes.fetch_add(file.bytes, Ordering::SeqCst);
-        info!(key = %file.key, bytes = file.bytes, sessions = file.sessions, "published file");
     }
 }

@@ -94,6 +94,7 @@ async fn serve(settings: impression_server::config::Settings) -> ExitCode {
         Ok(report) => {
             error!(
                 files_left = report.files_left,
+                bytes_left = report.bytes_left,
                 sessions_lost = report.sessions_lost,
                 "data was left behind"
             );

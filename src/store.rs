@@ -1,13 +1,22 @@
-//! Outputs for finished files: the object store seam, and the local-directory output.
+//! Outputs for finished files: the object store seam, the local-directory output and, in
+//! [`s3`], the S3 output.
 //!
 //! Every output uses the same key layout, built by [`object_key`] alone:
-//! `incoming-logs/ds=YYYY-MM-DD/hh=HH/<server_id>-<file_id>.avro`.
+//! `incoming-logs/ds=YYYY-MM-DD/hh=HH/<server_id>-<file_id>.avro`. A finished file waits in
+//! the store's staging directory, at `<staging>/<key>`, until it is published.
+
+pub mod s3;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+
+use crate::config::Output;
+pub use crate::store::s3::S3Store;
 
 /// Folder inside a local output directory where files are written before they are published.
 /// It is on the same file system as the output, so publishing is a rename.
@@ -23,6 +32,33 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// A request to S3 failed; `failure` decides whether a retry can help.
+    #[error("failed to {operation} {key}: {message}")]
+    S3 {
+        operation: &'static str,
+        key: String,
+        failure: s3::Failure,
+        message: String,
+    },
+    #[error("{operation} timed out after {timeout:?}")]
+    Timeout {
+        operation: &'static str,
+        timeout: std::time::Duration,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl StoreError {
+    /// Returns whether the same operation may succeed later without a change of
+    /// configuration. Local file errors count as retryable, as a full disk can be freed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Io { .. } | StoreError::Timeout { .. } => true,
+            StoreError::S3 { failure, .. } => s3::is_retryable(failure),
+            StoreError::Setup(_) => false,
+        }
+    }
 }
 
 /// An output that finished files are published to.
@@ -31,14 +67,17 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Describes the output for logs and errors, such as its directory or bucket.
     fn describe(&self) -> String;
 
-    /// Returns the directory where files are written before they are published.
+    /// Returns the directory where files wait until they are published. A file there is at
+    /// `<staging>/<key>` once it is complete.
     fn staging_dir(&self) -> &Path;
 
     /// Makes a test write, and removes it, to show the output accepts files.
     async fn check(&self) -> Result<(), StoreError>;
 
     /// Publishes the finished file at `file` under `key`. On success the file is no longer at
-    /// `file`; publishing the same key again replaces the object, so a retry never duplicates.
+    /// `file`, except when the S3 output failed to delete it, which the next start repairs by
+    /// uploading it again. Publishing the same key again replaces the object, so a retry
+    /// never duplicates.
     async fn publish(&self, key: &str, file: &Path) -> Result<(), StoreError>;
 }
 
@@ -75,10 +114,7 @@ impl ObjectStore for LocalDirStore {
         let root = self.root.clone();
         run_blocking(move || {
             create_dir_all(&staging)?;
-            let probe = root.join(format!(".write-check-{}", uuid::Uuid::now_v7().simple()));
-            std::fs::write(&probe, b"impression-server write check")
-                .map_err(io_error("write", &probe))?;
-            std::fs::remove_file(&probe).map_err(io_error("remove", &probe))
+            write_probe(&root)
         })
         .await
     }
@@ -99,6 +135,14 @@ impl ObjectStore for LocalDirStore {
     }
 }
 
+/// Opens the store that `output` names; nothing is written until [`ObjectStore::check`].
+pub async fn open(output: &Output) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    match output {
+        Output::Local { dir } => Ok(Arc::new(LocalDirStore::new(dir))),
+        Output::S3(settings) => Ok(Arc::new(S3Store::connect(settings.clone()).await?)),
+    }
+}
+
 /// Returns the object key of a file: its partition is the UTC hour starting at `hour_start_ms`.
 pub fn object_key(hour_start_ms: i64, server_id: &str, file_id: &str) -> String {
     let hour = DateTime::<Utc>::from_timestamp_millis(hour_start_ms).unwrap_or_default();
@@ -109,11 +153,18 @@ pub fn object_key(hour_start_ms: i64, server_id: &str, file_id: &str) -> String 
     )
 }
 
-fn create_dir_all(dir: &Path) -> Result<(), StoreError> {
+/// Writes and removes a small file in `dir`, to show that files can be written there.
+pub(crate) fn write_probe(dir: &Path) -> Result<(), StoreError> {
+    let probe = dir.join(format!(".write-check-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&probe, b"impression-server write check").map_err(io_error("write", &probe))?;
+    std::fs::remove_file(&probe).map_err(io_error("remove", &probe))
+}
+
+pub(crate) fn create_dir_all(dir: &Path) -> Result<(), StoreError> {
     std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))
 }
 
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+pub(crate) fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_owned();
     move |source| StoreError::Io {
         action,
@@ -122,7 +173,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Stor
     }
 }
 
-async fn run_blocking<T: Send + 'static>(
+pub(crate) async fn run_blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     match tokio::task::spawn_blocking(work).await {

@@ -2,14 +2,16 @@
 //!
 //! [`PartitionWriter`] does the encoding and file I/O and is driven by [`run_writer`] on a
 //! blocking thread of its own, so no request waits for it. A file is finished when its hour
-//! has ended, when it reaches the size limit or the upload interval, and at shutdown. A
-//! finished file is synced to disk and handed on for publishing. Files are opened for a
-//! session, so an empty file is never produced.
+//! has ended, when it reaches the size limit or the upload interval, and at shutdown. A file is
+//! written as `<staging>/<file_id>.avro.partial`. Once finished, it is synced, renamed to
+//! `<staging>/<key>` and handed on for publishing. So after a crash, every complete file and
+//! its key can be found again from the path alone. Files are opened for a session, so an
+//! empty file is never produced.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
@@ -30,6 +32,9 @@ const HOUR_MS: i64 = 3_600_000;
 const PARTITION_GRACE: Duration = Duration::from_secs(5);
 /// How often open files are checked against their deadlines when no session arrives.
 const TICK: Duration = Duration::from_millis(500);
+/// Attempts to rename a finished file into a partition folder that the publisher may remove
+/// at the same moment.
+const RENAME_ATTEMPTS: u32 = 5;
 
 /// Command to the writer thread.
 #[derive(Debug)]
@@ -39,13 +44,15 @@ pub enum WriterCommand {
     FinishAll,
 }
 
-/// A complete, synced file ready to be published under `key`.
+/// A complete, synced file at `<staging>/<key>`, ready to be published under `key`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedFile {
     pub key: String,
     pub path: PathBuf,
     pub bytes: u64,
-    pub sessions: u64,
+    /// Number of sessions in the file; `None` for a file found in the staging directory at
+    /// start, which is not read.
+    pub sessions: Option<u64>,
 }
 
 /// A failure to write a session; the session is lost, so it is logged at error level.
@@ -81,7 +88,10 @@ pub struct PartitionWriter {
 struct OpenFile {
     writer: Writer<'static, CountingWriter>,
     key: String,
+    /// Path of the file while it is written: `<staging>/<file_id>.avro.partial`.
     path: PathBuf,
+    /// Path of the finished file: `<staging>/<key>`.
+    finished_path: PathBuf,
     opened_at_ms: i64,
     sessions: u64,
 }
@@ -179,16 +189,18 @@ impl OpenFile {
             bytes: 0,
         };
         let writer = Writer::with_codec(&SCHEMA, counting, settings.codec)?;
+        let finished_path = settings.staging_dir.join(&key);
         Ok(Self {
             writer,
             key,
             path,
+            finished_path,
             opened_at_ms: now_ms,
             sessions: 0,
         })
     }
 
-    /// Writes the last block, flushes and syncs the file.
+    /// Writes the last block, flushes and syncs the file, and renames it to its key.
     fn finish(self) -> Result<FinishedFile, WriteError> {
         let path = self.path;
         let io_err = |source| WriteError::Io {
@@ -202,11 +214,14 @@ impl OpenFile {
             .into_inner()
             .map_err(|err| io_err(err.into_error()))?;
         file.sync_all().map_err(io_err)?;
+        drop(file);
+
+        rename_durably(&path, &self.finished_path)?;
         Ok(FinishedFile {
             key: self.key,
-            path,
+            path: self.finished_path,
             bytes,
-            sessions: self.sessions,
+            sessions: Some(self.sessions),
         })
     }
 }
@@ -302,7 +317,7 @@ impl WriterReport {
             None => {}
             Some(Ok(file)) => {
                 self.files += 1;
-                self.sessions += file.sessions;
+                self.sessions += file.sessions.unwrap_or(0);
                 if let Err(unsent) = finished.send(file) {
                     error!(key = %unsent.0.key, "publisher stopped; finished file left in staging");
                 }
@@ -312,6 +327,37 @@ impl WriterReport {
             }
         }
     }
+}
+
+/// Renames `from` to `to`, creating the parent directories of `to`, and syncs both parent
+/// directories so the rename survives a crash. The publisher removes partition folders that
+/// it emptied, so a folder can vanish between its creation and the rename; the rename is then
+/// tried again.
+fn rename_durably(from: &Path, to: &Path) -> Result<(), WriteError> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| WriteError::Io { path, source }
+    };
+    let from_dir = from.parent().unwrap_or(Path::new("."));
+    let to_dir = to.parent().unwrap_or(Path::new("."));
+
+    let mut attempts_left = RENAME_ATTEMPTS;
+    loop {
+        std::fs::create_dir_all(to_dir).map_err(io_err(to_dir))?;
+        match std::fs::rename(from, to) {
+            Ok(()) => break,
+            Err(err) if err.kind() == io::ErrorKind::NotFound && attempts_left > 1 => {
+                attempts_left -= 1;
+            }
+            Err(err) => return Err(io_err(to)(err)),
+        }
+    }
+    for dir in [to_dir, from_dir] {
+        File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -390,7 +436,7 @@ mod tests {
             "{}",
             files[0].key
         );
-        assert_eq!(files[0].sessions, 1);
+        assert_eq!(files[0].sessions, Some(1));
         assert_eq!(
             read_records(&files[0].path).len(),
             1,
@@ -477,5 +523,28 @@ mod tests {
         }
         let keys: std::collections::HashSet<_> = finished.iter().map(|file| &file.key).collect();
         assert_eq!(keys.len(), finished.len(), "each file has its own key");
+    }
+
+    #[test]
+    fn finished_file_moves_to_key_path() {
+        let staging = tempfile::tempdir().unwrap();
+        let mut writer = PartitionWriter::new(settings(staging.path()));
+        let closed = "2026-12-04T11:20:00Z";
+        let session = session("2026-12-04T11:00:00Z", closed, 1);
+        writer
+            .write(&session, parse_rfc3339_ms(closed).unwrap())
+            .unwrap();
+
+        let mut finished = writer.finish_all();
+        assert_eq!(finished.len(), 1);
+        let file = finished.pop().unwrap().unwrap();
+        assert_eq!(file.path, staging.path().join(&file.key));
+        assert_eq!(std::fs::metadata(&file.path).unwrap().len(), file.bytes);
+        let partials: Vec<_> = std::fs::read_dir(staging.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().ends_with(".partial"))
+            .collect();
+        assert!(partials.is_empty(), "{partials:?}");
     }
 }

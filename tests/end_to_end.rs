@@ -300,7 +300,7 @@ fn invalid_configuration_exits_64() {
         vec!["--session-timeout", "30"],
         vec!["--codec", "lz4"],
         vec!["--server-id", "a/b"],
-        vec!["--output", "s3://bucket/prefix"],
+        vec!["--output", "s3://Invalid_Bucket/prefix"],
     ] {
         let result = std::process::Command::new(binary)
             .args(&args)
