@@ -1,40 +1,53 @@
 //! The S3 output end to end: the real binary, real HTTP traffic, and an S3 server on
 //! 127.0.0.1 (`s3s-fs`) that can be stopped, restarted and made to return `503 SlowDown`.
 
-#[path = "common/s3.rs"]
-mod s3;
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use s3::{Items, S3Server, ServerProcess};
+use common::Server;
+use common::s3::{self, ItemIds, S3Server};
+use nix::sys::signal::Signal;
 
 /// Maximum wait for the spool to empty once the store is back. The retry delay is capped at
 /// 30 s, so this leaves room for one full delay and the uploads.
 const DRAIN_LIMIT: Duration = Duration::from_secs(90);
+/// Maximum wait for the server to exit after a signal, or after a failed start.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn assert_exactly_once(accepted: &Items, store: &S3Server, work: &std::path::Path) {
+/// Downloads the bucket and checks that it contains exactly the `accepted` items, each once, in
+/// the right partition, as both Avro readers see it.
+fn assert_exactly_once(accepted: &ItemIds, store: &S3Server, work: &Path) {
     let downloaded = work.join("downloaded");
     let keys = store.download_all(&downloaded);
     assert!(!keys.is_empty(), "no object in the bucket");
     for key in &keys {
         assert!(key.starts_with("edge/incoming-logs/ds="), "{key}");
-        assert!(key.contains("/edge-1-"), "{key}");
+        assert!(key.contains("/test-server-"), "{key}");
     }
 
-    let expected = accepted.clone().sorted();
-    let from_rust = s3::read_items_rust(&downloaded).sorted();
-    assert_eq!(from_rust.impressions.len(), expected.impressions.len());
-    assert_eq!(from_rust.events.len(), expected.events.len());
+    let files = common::read_output_checked(&downloaded.join(s3::PREFIX));
+    assert_eq!(files.len(), keys.len());
+    common::assert_partitions(&files);
+    let stored = s3::item_ids(&files);
+    let mut expected = accepted.clone();
+    expected.sort();
+    assert_eq!(stored.len(), expected.len());
     assert_eq!(
-        from_rust, expected,
-        "apache-avro read other items than accepted"
+        stored, expected,
+        "the bucket holds other items than accepted"
     );
-    let from_python = s3::read_items_python(&downloaded).sorted();
-    assert_eq!(
-        from_python, expected,
-        "fastavro read other items than accepted"
-    );
+}
+
+fn interrupt(server: Server) -> (std::process::ExitStatus, String) {
+    server.interrupt_and_wait(EXIT_TIMEOUT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,14 +55,14 @@ async fn sigint_uploads_everything_once() {
     let work = tempfile::tempdir().unwrap();
     let store = S3Server::start(&work.path().join("s3"));
     let spool = work.path().join("spool");
-    let server = ServerProcess::start(&s3::s3_args(&store.endpoint(), &spool, &[]));
+    let server = s3::start_server(&store, &spool, &[]);
 
     let accepted = s3::post_traffic(&server.url(""), "sigint", 50, 10, 100).await;
-    assert_eq!(accepted.impressions.len(), 50 * 10 * 3);
-    let (status, log) = server.interrupt();
+    assert_eq!(accepted.len(), 50 * 10 * 5);
+    let (status, log) = interrupt(server);
 
-    assert!(status.success(), "exit {status}:\n{}", log.join("\n"));
-    assert!(s3::spooled_files(&spool).is_empty());
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert_eq!(s3::spooled_files(&spool), 0);
     assert_exactly_once(&accepted, &store, work.path());
     // Every upload carried the checksum header and a plain body.
     let puts = store.faults.put_headers.lock().unwrap().clone();
@@ -65,23 +78,19 @@ async fn large_file_uses_multipart() {
     let work = tempfile::tempdir().unwrap();
     let store = S3Server::start(&work.path().join("s3"));
     let spool = work.path().join("spool");
-    let args = s3::s3_args(
-        &store.endpoint(),
-        &spool,
-        &[
-            "--codec",
-            "null",
-            "--s3-multipart-threshold-bytes",
-            "5242880",
-        ],
-    );
-    let server = ServerProcess::start(&args);
+    let extra = [
+        "--codec",
+        "null",
+        "--s3-multipart-threshold-bytes",
+        "5242880",
+    ];
+    let server = s3::start_server(&store, &spool, &extra);
 
     // About 7 MiB of impressions in one partition file.
     let accepted = s3::post_traffic(&server.url(""), "large", 20, 20, 6000).await;
-    let (status, log) = server.interrupt();
+    let (status, log) = interrupt(server);
 
-    assert!(status.success(), "exit {status}:\n{}", log.join("\n"));
+    assert!(status.success(), "exit {status}:\n{log}");
     let puts = store.faults.put_headers.lock().unwrap().clone();
     let parts: Vec<_> = puts
         .iter()
@@ -99,17 +108,16 @@ async fn slow_down_answers_are_retried() {
     let work = tempfile::tempdir().unwrap();
     let store = S3Server::start(&work.path().join("s3"));
     let spool = work.path().join("spool");
-    let args = s3::s3_args(&store.endpoint(), &spool, &["--max-file-bytes", "4096"]);
-    let server = ServerProcess::start(&args);
-    // The start check is done; the next uploads meet throttling.
+    let server = s3::start_server(&store, &spool, &["--max-file-bytes", "4096"]);
+    // The start check is done, so the next 8 uploads meet throttling.
     store.faults.slow_down_puts.store(8, Ordering::SeqCst);
 
     let accepted = s3::post_traffic(&server.url(""), "slow", 20, 5, 100).await;
-    let (status, log) = server.interrupt();
+    let (status, log) = interrupt(server);
 
-    assert!(status.success(), "exit {status}:\n{}", log.join("\n"));
+    assert!(status.success(), "exit {status}:\n{log}");
     assert_eq!(store.faults.slowed_down.load(Ordering::SeqCst), 8);
-    assert!(log.iter().any(|line| line.contains("SlowDown")));
+    assert!(log.contains("SlowDown"), "{log}");
     assert_exactly_once(&accepted, &store, work.path());
 }
 
@@ -120,22 +128,18 @@ async fn outage_keeps_files_on_disk() {
     let store = S3Server::start(&s3_root);
     let faults = store.faults.clone();
     let spool = work.path().join("spool");
-    let args = s3::s3_args(
-        &store.endpoint(),
-        &spool,
-        &[
-            "--session-timeout",
-            "1s",
-            "--upload-interval",
-            "1s",
-            "--max-file-bytes",
-            "8192",
-        ],
-    );
-    let server = ServerProcess::start(&args);
+    let extra = [
+        "--session-timeout",
+        "1s",
+        "--upload-interval",
+        "1s",
+        "--max-file-bytes",
+        "8192",
+    ];
+    let server = s3::start_server(&store, &spool, &extra);
 
     let mut accepted = s3::post_traffic(&server.url(""), "before", 20, 5, 200).await;
-    let rss_before_kib = server.rss_kib();
+    let rss_before_kib = s3::rss_kib(server.pid());
 
     let port = store.stop();
     for round in 0..5 {
@@ -144,9 +148,9 @@ async fn outage_keeps_files_on_disk() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     s3::wait_until(Duration::from_secs(20), "files in the spool", || {
-        s3::spooled_files(&spool).len() >= 5
+        s3::spooled_files(&spool) >= 5
     });
-    let rss_during_kib = server.rss_kib();
+    let rss_during_kib = s3::rss_kib(server.pid());
     assert!(
         rss_during_kib < rss_before_kib * 3 + 32 * 1024,
         "resident memory grew from {rss_before_kib} KiB to {rss_during_kib} KiB"
@@ -154,13 +158,13 @@ async fn outage_keeps_files_on_disk() {
 
     let store = S3Server::start_on(&s3_root, port, faults);
     s3::wait_until(DRAIN_LIMIT, "the spool to empty", || {
-        s3::spooled_files(&spool).is_empty()
+        s3::spooled_files(&spool) == 0
     });
     accepted.extend(s3::post_traffic(&server.url(""), "after", 20, 2, 200).await);
-    let (status, log) = server.interrupt();
+    let (status, log) = interrupt(server);
 
-    assert!(status.success(), "exit {status}:\n{}", log.join("\n"));
-    assert!(s3::spooled_files(&spool).is_empty());
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert_eq!(s3::spooled_files(&spool), 0);
     assert_exactly_once(&accepted, &store, work.path());
     eprintln!(
         "resident memory before the outage {rss_before_kib} KiB, during {rss_during_kib} KiB"
@@ -174,33 +178,30 @@ async fn restart_uploads_spooled_files() {
     let store = S3Server::start(&s3_root);
     let faults = store.faults.clone();
     let spool = work.path().join("spool");
-    let args = s3::s3_args(
-        &store.endpoint(),
-        &spool,
-        &["--session-timeout", "1s", "--upload-interval", "1s"],
-    );
-    let server = ServerProcess::start(&args);
+    let extra = ["--session-timeout", "1s", "--upload-interval", "1s"];
+    let mut server = s3::start_server(&store, &spool, &extra);
 
     let port = store.stop();
     s3::post_traffic(&server.url(""), "crash", 10, 3, 100).await;
     s3::wait_until(Duration::from_secs(20), "files in the spool", || {
-        !s3::spooled_files(&spool).is_empty()
+        s3::spooled_files(&spool) > 0
     });
     // Sessions still open at the kill are lost without a write-ahead log, so the check is on
     // what reached the spool.
-    server.kill();
-    let spooled = s3::read_items_rust(&spool);
-    assert!(!spooled.impressions.is_empty());
+    server.signal(Signal::SIGKILL);
+    server.wait(EXIT_TIMEOUT);
+    let spooled = s3::item_ids(&common::read_output_rust(&spool));
+    assert!(!spooled.is_empty());
 
     let store = S3Server::start_on(&s3_root, port, faults);
-    let server = ServerProcess::start(&args);
+    let server = s3::start_server(&store, &spool, &extra);
     s3::wait_until(DRAIN_LIMIT, "the spool to empty", || {
-        s3::spooled_files(&spool).is_empty()
+        s3::spooled_files(&spool) == 0
     });
-    let (status, log) = server.interrupt();
+    let (status, log) = interrupt(server);
 
-    assert!(status.success(), "exit {status}:\n{}", log.join("\n"));
-    assert!(log.iter().any(|line| line.contains("earlier run")));
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(log.contains("earlier run"), "{log}");
     assert_exactly_once(&spooled, &store, work.path());
 }
 
@@ -209,67 +210,63 @@ async fn shutdown_with_store_down_fails() {
     let work = tempfile::tempdir().unwrap();
     let store = S3Server::start(&work.path().join("s3"));
     let spool = work.path().join("spool");
-    let args = s3::s3_args(&store.endpoint(), &spool, &["--shutdown-timeout", "2s"]);
-    let server = ServerProcess::start(&args);
+    let server = s3::start_server(&store, &spool, &["--shutdown-timeout", "2s"]);
 
     store.stop();
     s3::post_traffic(&server.url(""), "down", 5, 2, 100).await;
-    let (status, log) = server.interrupt();
+    let (status, log) = interrupt(server);
 
-    assert_eq!(status.code(), Some(1), "{}", log.join("\n"));
+    assert_eq!(status.code(), Some(1), "{log}");
     let left: Vec<_> = log
-        .iter()
+        .lines()
         .filter(|line| line.contains("not published") && line.contains("files=1"))
         .collect();
-    assert_eq!(left.len(), 1, "{}", log.join("\n"));
-    assert_eq!(s3::spooled_files(&spool).len(), 1);
+    assert_eq!(left.len(), 1, "{log}");
+    assert_eq!(s3::spooled_files(&spool), 1);
 }
 
-fn assert_one_line_failure(args: &[String], endpoint: &str, secret: &str, causes: &[&str]) {
-    let (status, log) = s3::run_to_exit(args, secret);
-    assert_eq!(status.code(), Some(1), "{}", log.join("\n"));
-    let errors: Vec<&String> = log.iter().filter(|line| line.contains("ERROR")).collect();
-    assert_eq!(errors.len(), 1, "{}", log.join("\n"));
+/// Starts the server against `endpoint` and checks that it exits 1 with one error line that
+/// names the bucket, the endpoint and one of `causes`.
+fn assert_one_line_failure(endpoint: &str, bucket: &str, secret: &str, causes: &[&str]) {
+    let work = tempfile::tempdir().unwrap();
+    let spool = work.path().join("spool");
+    let mut server = s3::start_server_at(endpoint, bucket, &spool, &[], secret);
+    let (status, log) = server.wait(EXIT_TIMEOUT);
+
+    assert_eq!(status.code(), Some(1), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|line| line.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
     let line = errors[0];
     eprintln!("{line}");
     assert!(line.contains(endpoint), "{line}");
-    assert!(line.contains("s3://"), "{line}");
+    assert!(line.contains(&format!("s3://{bucket}/")), "{line}");
     assert!(
         causes.iter().any(|cause| line.contains(cause)),
         "expected one of {causes:?}: {line}"
     );
-    assert!(
-        !log.iter().any(|line| line.contains(" ready ")),
-        "{}",
-        log.join("\n")
-    );
+    assert!(!log.contains(" ready "), "{log}");
 }
 
 #[test]
 fn missing_bucket_fails_start() {
     let work = tempfile::tempdir().unwrap();
     let store = S3Server::start(&work.path().join("s3"));
-    let mut args = s3::s3_args(&store.endpoint(), &work.path().join("spool"), &[]);
-    let output = args
-        .iter()
-        .position(|arg| arg == "--output")
-        .expect("--output in the arguments");
-    args[output + 1] = "s3://no-such-bucket/edge".to_owned();
-
-    assert_one_line_failure(&args, &store.endpoint(), s3::SECRET_KEY, &["NoSuchBucket"]);
-    let (_, log) = s3::run_to_exit(&args, s3::SECRET_KEY);
-    assert!(log.iter().any(|line| line.contains("no-such-bucket")));
+    assert_one_line_failure(
+        &store.endpoint(),
+        "no-such-bucket",
+        s3::SECRET_KEY,
+        &["NoSuchBucket"],
+    );
 }
 
 #[test]
 fn wrong_secret_fails_start() {
     let work = tempfile::tempdir().unwrap();
     let store = S3Server::start(&work.path().join("s3"));
-    let args = s3::s3_args(&store.endpoint(), &work.path().join("spool"), &[]);
 
     assert_one_line_failure(
-        &args,
         &store.endpoint(),
+        s3::BUCKET,
         "wrong-secret",
         &["SignatureDoesNotMatch", "AccessDenied"],
     );
@@ -277,7 +274,6 @@ fn wrong_secret_fails_start() {
 
 #[test]
 fn unreachable_endpoint_fails_start() {
-    let work = tempfile::tempdir().unwrap();
     // A port that was free a moment ago, so nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -285,12 +281,11 @@ fn unreachable_endpoint_fails_start() {
         .unwrap()
         .port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let args = s3::s3_args(&endpoint, &work.path().join("spool"), &[]);
 
     assert_one_line_failure(
-        &args,
         &endpoint,
+        s3::BUCKET,
         s3::SECRET_KEY,
-        &["onnection refused", "timed out"],
+        &["Connection refused", "timed out"],
     );
 }

@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of these helpers"
 )]
 
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -37,12 +39,22 @@ impl Server {
 
     /// Starts the binary like [`Server::start`], with `server_id` as its `--server-id`.
     pub fn start_named(output: &Path, server_id: &str, extra_args: &[&str]) -> Server {
+        Server::launch(output, server_id, extra_args, &[])
+    }
+
+    /// Starts the binary like [`Server::start`], with `env` added to its environment.
+    pub fn start_with_env(output: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch(output, "test-server", extra_args, env)
+    }
+
+    fn launch(output: &Path, server_id: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_impression-server"))
             .args(["--listen", "127.0.0.1:0", "--server-id", server_id])
             .arg("--output")
             .arg(output)
             .args(extra_args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

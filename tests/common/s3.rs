@@ -1,24 +1,18 @@
 //! Helpers for the S3 output tests: an S3 server on a local directory (`s3s-fs`) on
-//! 127.0.0.1 that can inject `503 SlowDown` responses, the server binary run against it, traffic
-//! from many devices, and readers of what the bucket stores.
-#![allow(
-    clippy::unwrap_used,
-    reason = "a helper that fails panics, which fails the test with the cause"
-)]
+//! 127.0.0.1 that can inject `503 SlowDown` responses, the server binary started against it
+//! with the harness of `mod.rs`, and traffic from many devices.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apache_avro::types::Value;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::{AvroFile, Server, count_items};
 
 pub const ACCESS_KEY: &str = "test-access-key";
 pub const SECRET_KEY: &str = "test-secret-key";
@@ -26,10 +20,10 @@ pub const REGION: &str = "us-east-1";
 pub const BUCKET: &str = "impressions";
 pub const PREFIX: &str = "edge";
 
-/// Time a child server gets to start or to exit before the test fails.
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Maximum wait for the start check of the server.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the S3 server was asked to do, and the faults it injects.
+/// Requests the S3 server received, and the faults it injects.
 #[derive(Debug, Default)]
 pub struct Faults {
     /// Number of coming `PUT` requests that get `503 SlowDown`.
@@ -179,9 +173,9 @@ impl Drop for S3Server {
     }
 }
 
-/// Answers `503 SlowDown` while faults are due, and passes the request to S3 otherwise.
+/// Returns `503 SlowDown` while faults are due, and passes the request to S3 otherwise.
 /// `s3s-fs` creates a missing bucket's folder on upload, so requests to a bucket without a
-/// folder in `root` are answered `404 NoSuchBucket` here, as S3 does.
+/// folder in `root` get `404 NoSuchBucket` here, as from S3.
 async fn answer(
     s3: &s3s::service::S3Service,
     faults: &Faults,
@@ -259,16 +253,30 @@ fn client(endpoint: &str) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(config)
 }
 
-/// Returns the arguments that point the server at `endpoint` with a spool in `spool`,
-/// followed by `extra`.
-pub fn s3_args(endpoint: &str, spool: &Path, extra: &[&str]) -> Vec<String> {
-    [
-        "--listen",
-        "127.0.0.1:0",
-        "--server-id",
-        "edge-1",
-        "--output",
-        &format!("s3://{BUCKET}/{PREFIX}"),
+/// Starts the server with an S3 output at `store`, a spool in `spool` and `extra` flags, with
+/// the test credentials, and waits until its start check passed.
+pub fn start_server(store: &S3Server, spool: &Path, extra: &[&str]) -> Server {
+    let server = start_server_at(&store.endpoint(), BUCKET, spool, extra, SECRET_KEY);
+    wait_until(READY_TIMEOUT, "the server to be ready", || {
+        server.log().contains(" ready ")
+    });
+    server
+}
+
+/// Starts the server like [`start_server`], with any endpoint, bucket and secret key.
+pub fn start_server_at(
+    endpoint: &str,
+    bucket: &str,
+    spool: &Path,
+    extra: &[&str],
+    secret: &str,
+) -> Server {
+    // Empty AWS config files, so no profile of the machine applies. With the metadata
+    // service disabled, the credential chain never contacts a metadata address.
+    let aws_config = spool.with_extension("aws-config");
+    std::fs::write(&aws_config, "").unwrap();
+    let aws_config = aws_config.to_str().unwrap();
+    let mut args = vec![
         "--s3-endpoint",
         endpoint,
         "--s3-force-path-style",
@@ -276,178 +284,47 @@ pub fn s3_args(endpoint: &str, spool: &Path, extra: &[&str]) -> Vec<String> {
         spool.to_str().unwrap(),
         "--s3-check-timeout",
         "5s",
-    ]
-    .iter()
-    .chain(extra)
-    .map(|arg| (*arg).to_owned())
-    .collect()
+    ];
+    args.extend(extra);
+    let output = format!("s3://{bucket}/{PREFIX}");
+    Server::start_with_env(
+        Path::new(&output),
+        &args,
+        &[
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("AWS_REGION", REGION),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", aws_config),
+            ("AWS_SHARED_CREDENTIALS_FILE", aws_config),
+        ],
+    )
 }
 
-/// A running `impression-server` child process and the log lines it printed.
-pub struct ServerProcess {
-    child: Child,
-    pub addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+/// Returns the resident memory of process `pid` in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
-impl ServerProcess {
-    /// Starts the binary with `args` and the test credentials, and waits until it is ready.
-    pub fn start(args: &[String]) -> Self {
-        Self::start_with_secret(args, SECRET_KEY)
-    }
-
-    pub fn start_with_secret(args: &[String], secret: &str) -> Self {
-        let (child, log) = spawn(args, secret);
-        let mut server = Self {
-            child,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            log,
-        };
-        let started = Instant::now();
-        loop {
-            let lines = server.log();
-            let addr = lines
-                .iter()
-                .find_map(|line| line.split("listening addr=").nth(1))
-                .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
-            if let Some(addr) = addr
-                && lines.iter().any(|line| line.contains(" ready "))
-            {
-                server.addr = addr;
-                return server;
-            }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!(
-                    "server exited with {status} before it was ready:\n{}",
-                    lines.join("\n")
-                );
-            }
-            assert!(
-                started.elapsed() < PROCESS_TIMEOUT,
-                "server not ready:\n{}",
-                lines.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// Returns the resident memory of the process in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    /// Sends SIGINT and waits for the exit; returns the status and every log line.
-    pub fn interrupt(mut self) -> (ExitStatus, Vec<String>) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        let status = wait_bounded(&mut self.child, &self.log);
-        (status, self.log())
-    }
-
-    /// Kills the process with SIGKILL, as a crash would.
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-/// Runs the binary with `args` until it exits by itself; returns the status and the log.
-pub fn run_to_exit(args: &[String], secret: &str) -> (ExitStatus, Vec<String>) {
-    let (mut child, log) = spawn(args, secret);
-    let status = wait_bounded(&mut child, &log);
-    let lines = log.lock().unwrap().clone();
-    (status, lines)
-}
-
-fn spawn(args: &[String], secret: &str) -> (Child, Arc<Mutex<Vec<String>>>) {
-    // A clean environment, so no AWS profile or IMPRESSION_SERVER_* variable of the machine
-    // applies, and the credential chain never contacts a metadata address.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_impression-server"))
-        .args(args)
-        .env_clear()
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env("AWS_REGION", REGION)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("HOME", "/nonexistent")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line);
-        }
-    });
-    (child, log)
-}
-
-fn wait_bounded(child: &mut Child, log: &Arc<Mutex<Vec<String>>>) -> ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            // Let the reader thread take the last lines.
-            std::thread::sleep(Duration::from_millis(100));
-            return status;
-        }
-        if started.elapsed() > PROCESS_TIMEOUT {
-            child.kill().unwrap();
-            panic!("server did not exit:\n{}", log.lock().unwrap().join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The ids of the impressions and events that the server answered `200` for.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Items {
-    pub impressions: Vec<String>,
-    pub events: Vec<String>,
-}
-
-impl Items {
-    pub fn sorted(mut self) -> Self {
-        self.impressions.sort();
-        self.events.sort();
-        self
-    }
-
-    pub fn extend(&mut self, other: Items) {
-        self.impressions.extend(other.impressions);
-        self.events.extend(other.events);
-    }
-}
+/// Item ids in the form of [`count_items`]: `impression:ID` and `event:ID`.
+pub type ItemIds = Vec<String>;
 
 /// Posts `batches` batches from each of `devices` devices, each with three impressions of
-/// about `padding_bytes` of arguments and two events; returns what was accepted.
+/// about `padding_bytes` of arguments and two events; returns the ids accepted with `200`.
 pub async fn post_traffic(
     server: &str,
     tag: &str,
     devices: usize,
     batches: usize,
     padding_bytes: usize,
-) -> Items {
+) -> ItemIds {
     let client = reqwest::Client::new();
     let url = format!("{server}/v1/collect");
     let mut tasks = tokio::task::JoinSet::new();
@@ -456,22 +333,22 @@ pub async fn post_traffic(
         let url = url.clone();
         let tag = tag.to_owned();
         tasks.spawn(async move {
-            let mut accepted = Items::default();
+            let mut accepted = Vec::new();
             for batch in 0..batches {
-                let body = batch_body(&tag, device, batch, padding_bytes);
-                let Ok(response) = client.post(&url).json(&body.0).send().await else {
+                let (body, ids) = batch_body(&tag, device, batch, padding_bytes);
+                let Ok(response) = client.post(&url).json(&body).send().await else {
                     continue;
                 };
                 if response.status() == 200 {
-                    accepted.extend(body.1);
+                    accepted.extend(ids);
                 }
             }
             accepted
         });
     }
-    let mut accepted = Items::default();
-    while let Some(items) = tasks.join_next().await {
-        accepted.extend(items.unwrap());
+    let mut accepted = Vec::new();
+    while let Some(ids) = tasks.join_next().await {
+        accepted.extend(ids.unwrap());
     }
     accepted
 }
@@ -481,7 +358,7 @@ fn batch_body(
     device: usize,
     batch: usize,
     padding_bytes: usize,
-) -> (serde_json::Value, Items) {
+) -> (serde_json::Value, ItemIds) {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -490,11 +367,11 @@ fn batch_body(
     let padding: String = (0..padding_bytes)
         .map(|i| char::from(b'a' + ((i * 7 + device * 13 + batch * 31) % 26) as u8))
         .collect();
-    let mut items = Items::default();
+    let mut ids = Vec::new();
     let impressions: Vec<_> = (0..3)
         .map(|n| {
             let id = format!("{tag}-d{device}-b{batch}-i{n}");
-            items.impressions.push(id.clone());
+            ids.push(format!("impression:{id}"));
             serde_json::json!({
                 "impressionId": id, "feature": "RatingBox", "time": now_ms,
                 "args": { "padding": padding }, "variants": ["cta-test:B"]
@@ -504,7 +381,7 @@ fn batch_body(
     let events: Vec<_> = (0..2)
         .map(|n| {
             let id = format!("{tag}-d{device}-b{batch}-e{n}");
-            items.events.push(id.clone());
+            ids.push(format!("event:{id}"));
             serde_json::json!({ "eventId": id, "name": "Rating", "time": now_ms, "fields": { "stars": n } })
         })
         .collect();
@@ -514,134 +391,41 @@ fn batch_body(
         "impressions": impressions,
         "events": events,
     });
-    (body, items)
+    (body, ids)
 }
 
-/// Reads every `.avro` file below `dir` with `apache-avro`; checks that each record's
-/// `closed_at` lies in the hour that the file's `ds=`/`hh=` folders name.
-pub fn read_items_rust(dir: &Path) -> Items {
-    let mut items = Items::default();
-    for path in avro_files(dir) {
-        let partition = partition_of(&path);
-        let reader = apache_avro::Reader::new(std::fs::File::open(&path).unwrap()).unwrap();
-        for record in reader {
-            let Value::Record(fields) = record.unwrap() else {
-                panic!("not a record in {}", path.display());
-            };
-            let fields: BTreeMap<String, Value> = fields.into_iter().collect();
-            let Value::TimestampMillis(closed_at) = fields["closed_at"] else {
-                panic!("closed_at is not timestamp-millis");
-            };
-            let hour = chrono::DateTime::from_timestamp_millis(closed_at).unwrap();
-            assert_eq!(
-                hour.format("ds=%Y-%m-%d/hh=%H").to_string(),
-                partition,
-                "record in the wrong partition: {}",
-                path.display()
-            );
-            items
-                .impressions
-                .extend(ids(&fields["impressions"], "impression_id"));
-            items.events.extend(ids(&fields["events"], "event_id"));
-        }
-    }
-    items
-}
-
-/// Reads every `.avro` file below `dir` with Python `fastavro`, with the same partition check.
-pub fn read_items_python(dir: &Path) -> Items {
-    const SCRIPT: &str = r#"
-import json, pathlib, sys, fastavro
-impressions, events = [], []
-for path in sorted(pathlib.Path(sys.argv[1]).rglob("*.avro")):
-    partition = "/".join(path.parts[-3:-1])
-    with open(path, "rb") as f:
-        for record in fastavro.reader(f):
-            expected = record["closed_at"].strftime("ds=%Y-%m-%d/hh=%H")
-            if expected != partition:
-                sys.exit(f"record in the wrong partition: {path}")
-            impressions += [i["impression_id"] for i in record["impressions"]]
-            events += [e["event_id"] for e in record["events"]]
-print(json.dumps({"impressions": impressions, "events": events}))
-"#;
-    let output = Command::new("python3")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(dir)
-        .output()
-        .unwrap();
+/// Returns every item id in `files`, sorted, after checking that none appears twice.
+pub fn item_ids(files: &[AvroFile]) -> ItemIds {
+    let counts = count_items(files);
+    let repeated: Vec<_> = counts.iter().filter(|(_, count)| **count > 1).collect();
     assert!(
-        output.status.success(),
-        "fastavro failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        repeated.is_empty(),
+        "items stored more than once: {repeated:?}"
     );
-    let parsed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let strings = |name: &str| -> Vec<String> {
-        parsed[name]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|id| id.as_str().unwrap().to_owned())
-            .collect()
-    };
-    Items {
-        impressions: strings("impressions"),
-        events: strings("events"),
-    }
+    let mut ids: ItemIds = counts.into_keys().map(|(_, id)| id).collect();
+    ids.sort();
+    ids
 }
 
-/// Returns the complete files waiting in a spool directory.
-pub fn spooled_files(spool: &Path) -> Vec<PathBuf> {
-    avro_files(&spool.join("incoming-logs"))
-}
-
-fn avro_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut pending = vec![dir.to_owned()];
+/// Counts the complete files waiting in a spool directory. Files may be uploaded and removed
+/// while it looks, so a file that vanished is not counted.
+pub fn spooled_files(spool: &Path) -> usize {
+    let mut count = 0;
+    let mut pending = vec![spool.join("incoming-logs")];
     while let Some(dir) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
-        for entry in entries {
-            let path = entry.unwrap().path();
+        for entry in entries.flatten() {
+            let path = entry.path();
             if path.is_dir() {
                 pending.push(path);
             } else if path.extension().is_some_and(|ext| ext == "avro") {
-                files.push(path);
+                count += 1;
             }
         }
     }
-    files.sort();
-    files
-}
-
-fn partition_of(path: &Path) -> String {
-    let parts: Vec<_> = path
-        .iter()
-        .rev()
-        .skip(1)
-        .take(2)
-        .map(|part| part.to_str().unwrap())
-        .collect();
-    format!("{}/{}", parts[1], parts[0])
-}
-
-fn ids(items: &Value, field: &str) -> Vec<String> {
-    let Value::Array(items) = items else {
-        panic!("{field}: not an array");
-    };
-    items
-        .iter()
-        .map(|item| {
-            let Value::Record(fields) = item else {
-                panic!("{field}: not a record");
-            };
-            match fields.iter().find(|(name, _)| name == field) {
-                Some((_, Value::String(id))) => id.clone(),
-                other => panic!("{field}: unexpected {other:?}"),
-            }
-        })
-        .collect()
+    count
 }
 
 /// Waits until `done` returns true, checking every 100 ms for at most `limit`.
