@@ -136,12 +136,14 @@ pub async fn run(
     let writer_task = tokio::task::spawn_blocking(move || {
         writer::run_writer(writer, command_rx, finished_tx, writer_clock)
     });
+    let metrics = Arc::new(Metrics::new());
     let published = Arc::new(PublishCounts::default());
     let publisher_task = tokio::spawn(publish::publish_files(
         store.clone(),
         recovered,
         finished_rx,
         published.clone(),
+        metrics.clone(),
         settings.upload_concurrency,
     ));
     let publisher_abort = publisher_task.abort_handle();
@@ -151,7 +153,6 @@ pub async fn run(
         max_duration: settings.max_session_duration,
         max_items: settings.max_session_items,
     };
-    let metrics = Arc::new(Metrics::new());
     let sessions = Arc::new(
         SessionStore::new(limits, Box::new(command_tx.clone())).with_metrics(metrics.clone()),
     );

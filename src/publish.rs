@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::metrics::{FailureKind, Metrics};
 use crate::spool;
 use crate::store::ObjectStore;
 use crate::writer::FinishedFile;
@@ -61,14 +63,19 @@ impl Backoff {
 }
 
 /// Publishes `recovered`, then every file from `finished` until the channel closes, with at
-/// most `concurrency` files in flight; returns when all of them are done.
+/// most `concurrency` files in flight; returns when all of them are done. The spool gauges of
+/// `metrics` count the files queued and not yet published.
 pub async fn publish_files(
     store: Arc<dyn ObjectStore>,
     recovered: Vec<FinishedFile>,
     mut finished: UnboundedReceiver<FinishedFile>,
     counts: Arc<PublishCounts>,
+    metrics: Arc<Metrics>,
     concurrency: usize,
 ) {
+    for file in &recovered {
+        track_queued(&metrics, file);
+    }
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut uploads = JoinSet::new();
     let mut recovered = recovered.into_iter();
@@ -79,7 +86,14 @@ pub async fn publish_files(
         };
         let next = match recovered.next() {
             Some(file) => Some(file),
-            None => finished.recv().await,
+            None => {
+                let file = finished.recv().await;
+                if let Some(file) = &file {
+                    metrics.file_written();
+                    track_queued(&metrics, file);
+                }
+                file
+            }
         };
         let Some(file) = next else {
             break;
@@ -90,8 +104,9 @@ pub async fn publish_files(
         }
         let store = store.clone();
         let counts = counts.clone();
+        let metrics = metrics.clone();
         uploads.spawn(async move {
-            publish_one(store.as_ref(), &file, &counts).await;
+            publish_one(store.as_ref(), &file, &counts, &metrics).await;
             drop(permit);
         });
     }
@@ -101,13 +116,20 @@ pub async fn publish_files(
 }
 
 /// Publishes one file, retrying retryable failures without limit.
-async fn publish_one(store: &dyn ObjectStore, file: &FinishedFile, counts: &PublishCounts) {
+async fn publish_one(
+    store: &dyn ObjectStore,
+    file: &FinishedFile,
+    counts: &PublishCounts,
+    metrics: &Metrics,
+) {
+    let started = Instant::now();
     let mut backoff = Backoff::new();
     let mut attempt = 1u32;
     loop {
         match store.publish(&file.key, &file.path).await {
             Ok(()) => break,
             Err(err) if err.is_retryable() => {
+                metrics.upload_failed(FailureKind::Retryable);
                 let delay = backoff.next_delay();
                 if attempt <= LOGGED_FIRST_ATTEMPTS || attempt.is_multiple_of(LOG_EVERY_ATTEMPTS) {
                     warn!(attempt, key = %file.key, retry_in = ?delay, error = %err, "publish failed, retrying");
@@ -116,6 +138,7 @@ async fn publish_one(store: &dyn ObjectStore, file: &FinishedFile, counts: &Publ
                 attempt += 1;
             }
             Err(err) => {
+                metrics.upload_failed(FailureKind::Fatal);
                 counts.files_failed.fetch_add(1, Ordering::SeqCst);
                 error!(
                     key = %file.key,
@@ -133,7 +156,19 @@ async fn publish_one(store: &dyn ObjectStore, file: &FinishedFile, counts: &Publ
     let _ = tokio::task::spawn_blocking(move || spool::remove_empty_parents(&staging, &path)).await;
     counts.files.fetch_add(1, Ordering::SeqCst);
     counts.bytes.fetch_add(file.bytes, Ordering::SeqCst);
+    metrics.file_uploaded(file.bytes, started.elapsed().as_secs_f64());
+    metrics.spool_files.dec();
+    metrics.spool_bytes.dec_by(gauge_bytes(file.bytes));
     info!(key = %file.key, bytes = file.bytes, sessions = ?file.sessions, attempts = attempt, "published file");
+}
+
+fn track_queued(metrics: &Metrics, file: &FinishedFile) {
+    metrics.spool_files.inc();
+    metrics.spool_bytes.inc_by(gauge_bytes(file.bytes));
+}
+
+fn gauge_bytes(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 fn log_join_error(done: Result<(), tokio::task::JoinError>) {
@@ -218,6 +253,10 @@ mod tests {
         })
     }
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new())
+    }
+
     fn file(key: &str) -> FinishedFile {
         FinishedFile {
             key: key.to_owned(),
@@ -237,18 +276,42 @@ mod tests {
             },
         );
         let counts = Arc::new(PublishCounts::default());
+        let metrics = metrics();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for key in ["b", "c", "d", "e", "f"] {
             tx.send(file(key)).unwrap();
         }
         drop(tx);
 
-        publish_files(store.clone(), vec![file("a")], rx, counts.clone(), 2).await;
+        publish_files(
+            store.clone(),
+            vec![file("a")],
+            rx,
+            counts.clone(),
+            metrics.clone(),
+            2,
+        )
+        .await;
 
         assert_eq!(counts.files.load(Ordering::SeqCst), 6);
         assert_eq!(counts.files_failed.load(Ordering::SeqCst), 0);
         assert_eq!(store.attempts.lock().unwrap().len(), 6 * 4);
         assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
+        assert_eq!(metrics.spool_files.get(), 0);
+        assert_eq!(metrics.spool_bytes.get(), 0);
+        let rendered = metrics.render();
+        assert!(
+            rendered.contains("impression_server_upload_failures_total{kind=\"retryable\"} 18"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("impression_server_files_uploaded_total 6"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("impression_server_files_written_total 5"),
+            "{rendered}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -259,7 +322,7 @@ mod tests {
         tx.send(file("new")).unwrap();
         drop(tx);
 
-        publish_files(store.clone(), vec![file("old")], rx, counts, 1).await;
+        publish_files(store.clone(), vec![file("old")], rx, counts, metrics(), 1).await;
 
         assert_eq!(*store.attempts.lock().unwrap(), ["old", "new"]);
     }
@@ -274,14 +337,30 @@ mod tests {
             },
         );
         let counts = Arc::new(PublishCounts::default());
+        let metrics = metrics();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send(file("a")).unwrap();
         drop(tx);
 
-        publish_files(store.clone(), Vec::new(), rx, counts.clone(), 4).await;
+        publish_files(
+            store.clone(),
+            Vec::new(),
+            rx,
+            counts.clone(),
+            metrics.clone(),
+            4,
+        )
+        .await;
 
         assert_eq!(store.attempts.lock().unwrap().len(), 1);
         assert_eq!(counts.files.load(Ordering::SeqCst), 0);
         assert_eq!(counts.files_failed.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.spool_files.get(), 1, "the file stays in the spool");
+        assert_eq!(metrics.spool_bytes.get(), 10);
+        let rendered = metrics.render();
+        assert!(
+            rendered.contains("impression_server_upload_failures_total{kind=\"fatal\"} 1"),
+            "{rendered}"
+        );
     }
 }
