@@ -159,7 +159,7 @@ async fn publish_one(
     metrics.file_uploaded(file.bytes, started.elapsed().as_secs_f64());
     metrics.spool_files.dec();
     metrics.spool_bytes.dec_by(gauge_bytes(file.bytes));
-    info!(key = %file.key, bytes = file.bytes, sessions = ?file.sessions, attempts = attempt, "published file");
+    info!(key = %file.key, bytes = file.bytes, sessions = file.sessions, attempts = attempt, "published file");
 }
 
 fn track_queued(metrics: &Metrics, file: &FinishedFile) {

@@ -21,7 +21,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-use tracing::{error, info, warn};
+use tracing::{debug, error, warn};
 
 use super::{ObjectStore, StoreError, create_dir_all, io_error, run_blocking, write_probe};
 use crate::config::{ChecksumMode, S3Settings};
@@ -338,7 +338,7 @@ impl ObjectStore for S3Store {
         if let Err(err) = tokio::fs::remove_file(file).await {
             error!(key = %object_key, path = %file.display(), error = %err, "uploaded file could not be deleted from the spool");
         } else {
-            info!(key = %object_key, bytes, "uploaded file");
+            debug!(key = %object_key, bytes, "uploaded file and deleted it from the spool");
         }
         Ok(())
     }
