@@ -46,6 +46,6 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/impression-server", "healthcheck"]
 
 # SIGTERM starts the graceful shutdown: `docker stop -t` must allow --drain-timeout plus
-# --shutdown-timeout (10s + 60s by default), so use at least `docker stop -t 75`.
+# --shutdown-timeout (10s + 60s by default), so use at least `docker stop -t 80`.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/impression-server"]

@@ -71,7 +71,9 @@ pub enum ApiError {
     BodyTooLarge { limit_bytes: usize },
     #[error("request body is larger than {limit_bytes} bytes after gzip decompression")]
     DecompressedTooLarge { limit_bytes: usize },
-    #[error("unsupported Content-Encoding {encoding:?}; send gzip or an uncompressed body")]
+    #[error(
+        "unsupported Content-Encoding {encoding:?}; send one layer of gzip or an uncompressed body"
+    )]
     UnsupportedEncoding { encoding: String },
     #[error("invalid gzip body")]
     InvalidGzip,
@@ -255,6 +257,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     metrics
         .ready
         .set(i64::from(!state.draining.load(Ordering::SeqCst)));
+    metrics.update_pending_age(state.clock.now_ms());
     // The encoder writes OpenMetrics text, which Prometheus reads when told so.
     let headers = [(
         header::CONTENT_TYPE,

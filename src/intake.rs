@@ -173,7 +173,10 @@ impl Intake {
         let mut earliest_trusted = None;
         for hop in hops.iter().rev() {
             // An unreadable hop could be forged, so nothing before it is believed.
-            let address = hop.parse::<IpAddr>().ok()?;
+            let address = hop
+                .parse::<IpAddr>()
+                .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|addr| addr.ip()))
+                .ok()?;
             if !self.is_trusted(address) {
                 return Some(address);
             }
@@ -389,6 +392,14 @@ mod tests {
             proxied.as_deref(),
             Some("203.0.113.9"),
             "the nearest untrusted hop"
+        );
+
+        let with_port = headers(&[("x-forwarded-for", "203.0.113.9:4711, [2001:db8::7]:80")]);
+        let proxied = intake.client_address(Some("10.0.0.2".parse().unwrap()), &with_port);
+        assert_eq!(
+            proxied.as_deref(),
+            Some("2001:db8::7"),
+            "a hop may carry a port"
         );
 
         let garbled = headers(&[("x-forwarded-for", "203.0.113.9, not-an-ip")]);

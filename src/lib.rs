@@ -121,6 +121,11 @@ pub async fn run(
         source,
     })?;
     let recovered = recover_staged_files(store.as_ref())?;
+    let metrics = Arc::new(Metrics::new());
+    // A file left by an earlier run is as old as this start, as far as this process knows.
+    for file in &recovered {
+        metrics.pending_since(&file.key, clock.now_ms());
+    }
 
     // Closed sessions flow to the writer thread, finished files to the publisher task.
     let (command_tx, command_rx) = std::sync::mpsc::channel::<WriterCommand>();
@@ -131,12 +136,12 @@ pub async fn run(
         server_id: settings.server_id.clone(),
         max_file_bytes: settings.max_file_bytes,
         upload_interval: settings.upload_interval,
-    });
+    })
+    .with_metrics(metrics.clone());
     let writer_clock = clock.clone();
     let writer_task = tokio::task::spawn_blocking(move || {
         writer::run_writer(writer, command_rx, finished_tx, writer_clock)
     });
-    let metrics = Arc::new(Metrics::new());
     let published = Arc::new(PublishCounts::default());
     let publisher_task = tokio::spawn(publish::publish_files(
         store.clone(),

@@ -126,20 +126,19 @@ fn render_path(path: &[Step]) -> String {
 
 /// Checks item count, string lengths and map sizes of a parsed batch.
 pub fn check_batch(batch: &Batch, limits: &BatchLimits) -> Result<(), BatchError> {
-    let items = batch.impressions.len() + batch.events.len();
-    if items > limits.max_items {
-        let field = if batch.impressions.len() > batch.events.len() {
-            "impressions"
-        } else {
-            "events"
-        };
-        return Err(invalid(
-            field.to_owned(),
-            format!(
-                "{items} impressions and events in one batch, at most {} allowed",
-                limits.max_items
-            ),
-        ));
+    for (field, items) in [
+        ("impressions", batch.impressions.len()),
+        ("events", batch.events.len()),
+    ] {
+        if items > limits.max_items {
+            return Err(invalid(
+                field.to_owned(),
+                format!(
+                    "{items} items in one batch, at most {} allowed",
+                    limits.max_items
+                ),
+            ));
+        }
     }
 
     let check = Checker { limits };
@@ -296,15 +295,17 @@ mod tests {
             max_items: 2,
             ..BatchLimits::default()
         };
-        let body = r#"{"deviceId": "d", "impressions": [{"impressionId": "1", "feature": "f"}, {"impressionId": "2", "feature": "f"}],
-                       "events": [{"eventId": "e", "name": "n"}]}"#;
-        let err = parse(body, &limits).unwrap_err();
-        assert_eq!(err.field, "impressions");
+        let two = r#"{"deviceId": "d", "impressions": [{"impressionId": "1", "feature": "f"}, {"impressionId": "2", "feature": "f"}],
+                      "events": [{"eventId": "e1", "name": "n"}, {"eventId": "e2", "name": "n"}]}"#;
         assert!(
-            err.message.contains("3 impressions and events"),
-            "{}",
-            err.message
+            parse(two, &limits).is_ok(),
+            "the limit applies to each array"
         );
+
+        let three = r#"{"deviceId": "d", "events": [{"eventId": "1", "name": "n"}, {"eventId": "2", "name": "n"}, {"eventId": "3", "name": "n"}]}"#;
+        let err = parse(three, &limits).unwrap_err();
+        assert_eq!(err.field, "events");
+        assert!(err.message.contains("3 items"), "{}", err.message);
     }
 
     #[test]

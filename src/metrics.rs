@@ -4,7 +4,9 @@
 //! template, status class, item kind, close reason, rejection reason), never from ids or error
 //! text, so the number of series stays fixed.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -124,6 +126,9 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     pub oldest_pending_data_age: Gauge<f64, AtomicU64>,
     pub ready: Gauge,
+    /// Files holding closed sessions not yet published, by key, with the time their first
+    /// session was written.
+    pending: Mutex<HashMap<String, i64>>,
 }
 
 // === impl Metrics ===
@@ -310,7 +315,34 @@ impl Metrics {
             spool_bytes,
             oldest_pending_data_age,
             ready,
+            pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records that the file `key` holds data not yet published since `since_ms`.
+    pub fn pending_since(&self, key: &str, since_ms: i64) {
+        self.lock_pending()
+            .entry(key.to_owned())
+            .or_insert(since_ms);
+    }
+
+    /// Records that the file `key` was published.
+    pub fn pending_done(&self, key: &str) {
+        self.lock_pending().remove(key);
+    }
+
+    /// Sets the age of the oldest unpublished data as of `now_ms`; 0 when nothing is pending.
+    pub fn update_pending_age(&self, now_ms: i64) {
+        let oldest = self.lock_pending().values().copied().min();
+        let age_ms = oldest.map_or(0, |since_ms| now_ms.saturating_sub(since_ms).max(0));
+        self.oldest_pending_data_age.set(age_ms as f64 / 1000.0);
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        // The map stays consistent even if a holder panicked: every operation on it is one call.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -504,6 +536,22 @@ mod tests {
 
     /// The dashboard and alert rules in `deploy/` may use only the metrics listed in
     /// `deploy/metrics.txt`; this holds the list and the code together.
+    #[test]
+    fn pending_age_follows_oldest_file() {
+        let metrics = Metrics::new();
+        metrics.update_pending_age(10_000);
+        assert_eq!(metrics.oldest_pending_data_age.get(), 0.0);
+
+        metrics.pending_since("a", 1_000);
+        metrics.pending_since("b", 4_000);
+        metrics.update_pending_age(10_000);
+        assert_eq!(metrics.oldest_pending_data_age.get(), 9.0);
+
+        metrics.pending_done("a");
+        metrics.update_pending_age(10_000);
+        assert_eq!(metrics.oldest_pending_data_age.get(), 6.0);
+    }
+
     #[test]
     fn exported_names_match_deploy_list() {
         let listed: BTreeSet<String> = include_str!("../deploy/metrics.txt")

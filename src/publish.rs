@@ -157,6 +157,7 @@ async fn publish_one(
     counts.files.fetch_add(1, Ordering::SeqCst);
     counts.bytes.fetch_add(file.bytes, Ordering::SeqCst);
     metrics.file_uploaded(file.bytes, started.elapsed().as_secs_f64());
+    metrics.pending_done(&file.key);
     metrics.spool_files.dec();
     metrics.spool_bytes.dec_by(gauge_bytes(file.bytes));
     info!(key = %file.key, bytes = file.bytes, sessions = file.sessions, attempts = attempt, "published file");

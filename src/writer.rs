@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::avro::{SCHEMA, SessionRecord};
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 use crate::session::{ClosedSession, SessionSink};
 use crate::store::object_key;
 
@@ -83,6 +84,8 @@ pub struct PartitionWriter {
     settings: WriterSettings,
     /// Open files keyed by the start of their UTC hour, in milliseconds.
     open: HashMap<i64, OpenFile>,
+    /// Told when a file is opened, so the age of unpublished data can be reported.
+    metrics: Option<Arc<Metrics>>,
 }
 
 struct OpenFile {
@@ -110,7 +113,14 @@ impl PartitionWriter {
         Self {
             settings,
             open: HashMap::new(),
+            metrics: None,
         }
+    }
+
+    /// Reports each opened file to `metrics` as pending data.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Appends `session` to the file of its partition; returns the file if this finished it.
@@ -123,7 +133,11 @@ impl PartitionWriter {
         let file = match self.open.entry(hour_ms) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert(OpenFile::create(&self.settings, hour_ms, now_ms)?)
+                let file = OpenFile::create(&self.settings, hour_ms, now_ms)?;
+                if let Some(metrics) = &self.metrics {
+                    metrics.pending_since(&file.key, now_ms);
+                }
+                entry.insert(file)
             }
         };
 

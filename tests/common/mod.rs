@@ -54,6 +54,8 @@ impl Server {
             .arg(output)
             .args(extra_args)
             .env("RUST_LOG", "info")
+            // No test may reach a cloud metadata address, whatever its output.
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
