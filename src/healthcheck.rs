@@ -1,11 +1,11 @@
-//! The `healthcheck` subcommand: asks a running server whether it is ready, for container
-//! health checks on images that have no shell tools.
+//! The `healthcheck` subcommand: requests a running server's readiness endpoint, for
+//! container health checks on images that have no shell tools.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// Default URL the health check asks.
+/// Default URL the health check requests.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:3004/readyz";
 /// Most bytes of the response that are read; the status line comes first.
 const MAX_RESPONSE_BYTES: u64 = 4096;

@@ -319,7 +319,7 @@ impl Metrics {
         }
     }
 
-    /// Records that the file `key` holds data not yet published since `since_ms`.
+    /// Records that the file `key` contains data not yet published since `since_ms`.
     pub fn pending_since(&self, key: &str, since_ms: i64) {
         self.lock_pending()
             .entry(key.to_owned())
@@ -349,7 +349,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            // Writing into a String cannot fail; an empty scrape is the safe answer if it did.
+            // Writing into a String cannot fail; an empty scrape is the safe result if it did.
             text.clear();
         }
         text
@@ -535,7 +535,7 @@ mod tests {
     use super::*;
 
     /// The dashboard and alert rules in `deploy/` may use only the metrics listed in
-    /// `deploy/metrics.txt`; this holds the list and the code together.
+    /// `deploy/metrics.txt`, so this test keeps the list and the code in step.
     #[test]
     fn pending_age_follows_oldest_file() {
         let metrics = Metrics::new();
