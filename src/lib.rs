@@ -199,25 +199,29 @@ pub async fn run(
     info!(sessions = sessions_closed, "closed every session");
 
     let _ = command_tx.send(WriterCommand::FinishAll);
-    let finish = async {
-        let writer_report = writer_task.await.unwrap_or_else(|err| {
+    // The writer and the publisher share one deadline; the writer's report is kept even when
+    // the publisher runs out of time.
+    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+    let writer_report = match tokio::time::timeout_at(deadline, writer_task).await {
+        Ok(Ok(report)) => report,
+        Ok(Err(err)) => {
             error!(error = %err, "writer thread failed");
             WriterReport::default()
-        });
-        if let Err(err) = publisher_task.await {
-            error!(error = %err, "publisher task failed");
         }
-        writer_report
+        Err(_) => {
+            error!(shutdown_timeout = ?settings.shutdown_timeout, "shutdown timed out before every file was written");
+            WriterReport::default()
+        }
     };
-    let writer_report = match tokio::time::timeout(settings.shutdown_timeout, finish).await {
-        Ok(report) => report,
+    match tokio::time::timeout_at(deadline, publisher_task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => error!(error = %err, "publisher task failed"),
         Err(_) => {
             error!(shutdown_timeout = ?settings.shutdown_timeout, "shutdown timed out before every file was published");
             // Stops the uploads in flight; their files stay in the staging directory.
             publisher_abort.abort();
-            WriterReport::default()
         }
-    };
+    }
 
     // What is left is counted on disk, so it covers files of earlier runs too.
     let left = scan_staging(store.as_ref()).unwrap_or_else(|err| {

@@ -411,8 +411,17 @@ impl Metrics {
         self.session_items.observe(items as f64);
     }
 
-    pub fn file_written(&self) {
+    /// Counts a file the writer finished, which now waits for upload.
+    pub fn file_written(&self, bytes: u64) {
         self.files_written.inc();
+        self.file_waiting(bytes);
+    }
+
+    /// Counts a file waiting for upload, such as one left by an earlier run.
+    pub fn file_waiting(&self, bytes: u64) {
+        self.spool_files.inc();
+        self.spool_bytes
+            .inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn file_uploaded(&self, bytes: u64, seconds: f64) {

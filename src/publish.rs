@@ -74,7 +74,7 @@ pub async fn publish_files(
     concurrency: usize,
 ) {
     for file in &recovered {
-        track_queued(&metrics, file);
+        metrics.file_waiting(file.bytes);
     }
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut uploads = JoinSet::new();
@@ -86,14 +86,7 @@ pub async fn publish_files(
         };
         let next = match recovered.next() {
             Some(file) => Some(file),
-            None => {
-                let file = finished.recv().await;
-                if let Some(file) = &file {
-                    metrics.file_written();
-                    track_queued(&metrics, file);
-                }
-                file
-            }
+            None => finished.recv().await,
         };
         let Some(file) = next else {
             break;
@@ -161,11 +154,6 @@ async fn publish_one(
     metrics.spool_files.dec();
     metrics.spool_bytes.dec_by(gauge_bytes(file.bytes));
     info!(key = %file.key, bytes = file.bytes, sessions = file.sessions, attempts = attempt, "published file");
-}
-
-fn track_queued(metrics: &Metrics, file: &FinishedFile) {
-    metrics.spool_files.inc();
-    metrics.spool_bytes.inc_by(gauge_bytes(file.bytes));
 }
 
 fn gauge_bytes(bytes: u64) -> i64 {
@@ -280,6 +268,8 @@ mod tests {
         let metrics = metrics();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for key in ["b", "c", "d", "e", "f"] {
+            // The writer counts each file it finishes.
+            metrics.file_written(file(key).bytes);
             tx.send(file(key)).unwrap();
         }
         drop(tx);
@@ -340,6 +330,7 @@ mod tests {
         let counts = Arc::new(PublishCounts::default());
         let metrics = metrics();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        metrics.file_written(file("a").bytes);
         tx.send(file("a")).unwrap();
         drop(tx);
 

@@ -280,7 +280,7 @@ pub fn run_writer(
         let stop = match commands.recv_timeout(TICK) {
             Ok(WriterCommand::Write(session)) => {
                 match writer.write(&session, clock.now_ms()) {
-                    Ok(file) => report.forward(file.map(Ok), &finished),
+                    Ok(file) => report.forward(file.map(Ok), &finished, writer.metrics.as_deref()),
                     Err(err) => {
                         report.sessions_lost += 1;
                         error!(session_id = %session.session_id, error = %err, "failed to write session");
@@ -295,7 +295,7 @@ pub fn run_writer(
         let now_ms = clock.now_ms();
         if stop {
             for file in writer.finish_all() {
-                report.forward(Some(file), &finished);
+                report.forward(Some(file), &finished, writer.metrics.as_deref());
             }
             info!(
                 files = report.files,
@@ -306,7 +306,7 @@ pub fn run_writer(
         }
         if now_ms >= next_check_ms {
             for file in writer.finish_due(now_ms) {
-                report.forward(Some(file), &finished);
+                report.forward(Some(file), &finished, writer.metrics.as_deref());
             }
             next_check_ms = now_ms + millis(TICK);
         }
@@ -326,12 +326,18 @@ impl WriterReport {
         &mut self,
         file: Option<Result<FinishedFile, WriteError>>,
         finished: &UnboundedSender<FinishedFile>,
+        metrics: Option<&Metrics>,
     ) {
         match file {
             None => {}
             Some(Ok(file)) => {
                 self.files += 1;
                 self.sessions += file.sessions.unwrap_or(0);
+                // Counted here, not when the publisher takes it: while the store is down, files
+                // wait in the spool and the gauges must show them.
+                if let Some(metrics) = metrics {
+                    metrics.file_written(file.bytes);
+                }
                 if let Err(unsent) = finished.send(file) {
                     error!(key = %unsent.0.key, "publisher stopped; finished file left in staging");
                 }

@@ -156,6 +156,23 @@ async fn outage_keeps_files_on_disk() {
         "resident memory grew from {rss_before_kib} KiB to {rss_during_kib} KiB"
     );
 
+    // The spool gauge shows every waiting file, not only those the publisher has taken.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spool_gauge: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("impression_server_spool_files "))
+        .and_then(|value| value.parse().ok())
+        .unwrap();
+    assert!(
+        spool_gauge >= 5.0,
+        "spool_files is {spool_gauge} during the outage"
+    );
+
     let store = S3Server::start_on(&s3_root, port, faults);
     s3::wait_until(DRAIN_LIMIT, "the spool to empty", || {
         s3::spooled_files(&spool) == 0
