@@ -120,7 +120,7 @@ pub async fn run(
         output: store.describe(),
         source,
     })?;
-    let recovered = recover_staged_files(store.as_ref())?;
+    let recovered = recover_staged_files(store.as_ref(), avro::codec(settings.codec))?;
     let metrics = Arc::new(Metrics::new());
     // A file left by an earlier run is as old as this start, as far as this process knows.
     for file in &recovered {
@@ -258,11 +258,26 @@ pub async fn run(
 
 /// Finds the files an earlier run left in the staging directory, to publish them first, and
 /// warns about partial files, which a crash cut short and which are kept for inspection.
-fn recover_staged_files(store: &dyn ObjectStore) -> Result<Vec<FinishedFile>, StartError> {
+fn recover_staged_files(
+    store: &dyn ObjectStore,
+    codec: apache_avro::Codec,
+) -> Result<Vec<FinishedFile>, StartError> {
     let staging = store.staging_dir();
-    let contents = scan_staging(store)?;
+    let mut contents = scan_staging(store)?;
+    // A partial file is one a crash cut short; its whole sessions are salvaged.
     for partial in &contents.partial {
-        warn!(path = %partial.display(), "partial file from an earlier run is incomplete and is not published; it is kept for inspection");
+        match writer::salvage_partial(partial, codec) {
+            Ok(Some(file)) => {
+                warn!(key = %file.key, sessions = file.sessions, "salvaged the sessions of a file an earlier run left unfinished");
+                contents.files.push(file);
+            }
+            Ok(None) => {
+                info!(path = %partial.display(), "removed an unfinished file that held no whole session")
+            }
+            Err(err) => {
+                error!(path = %partial.display(), error = %err, "failed to salvage an unfinished file; it is kept for inspection")
+            }
+        }
     }
     if !contents.files.is_empty() {
         info!(

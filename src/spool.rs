@@ -2,7 +2,7 @@
 //!
 //! A complete file sits at `<staging>/<key>`, so its key is its path below the staging
 //! directory. A file still being written is `<staging>/<file_id>.avro.partial`; one found at
-//! start was cut short by a crash and cannot be read to its end, so it is reported and kept.
+//! start was cut short by a crash, and its whole sessions are salvaged into a complete file.
 
 use std::io;
 use std::path::{Path, PathBuf};

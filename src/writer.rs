@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-use apache_avro::{Codec, Writer};
+use apache_avro::types::Value;
+use apache_avro::{Codec, Reader, Writer};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info};
 use uuid::Uuid;
@@ -146,6 +147,16 @@ impl PartitionWriter {
             server_id: &self.settings.server_id,
         };
         file.writer.append_ser(record)?;
+        // Each session becomes its own block and reaches the operating system at once, so a
+        // crash of the process loses no closed session: the next start salvages the file.
+        file.writer.flush()?;
+        file.writer
+            .get_mut()
+            .flush()
+            .map_err(|source| WriteError::Io {
+                path: file.path.clone(),
+                source,
+            })?;
         file.sessions += 1;
 
         if file.writer.get_ref().bytes >= self.settings.max_file_bytes
@@ -349,6 +360,82 @@ impl WriterReport {
     }
 }
 
+/// Recovers the sessions of a file an earlier run left unfinished: every whole block is
+/// written into a finished file under the key the file would have had, and the partial file
+/// is removed. Returns `None`, after removing it, for a file without a whole session.
+pub fn salvage_partial(partial: &Path, codec: Codec) -> Result<Option<FinishedFile>, WriteError> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| WriteError::Io { path, source }
+    };
+    let file = File::open(partial).map_err(io_err(partial))?;
+    // A file cut inside its header holds no session.
+    let records: Vec<Value> = match Reader::new(std::io::BufReader::new(file)) {
+        Ok(reader) => reader.map_while(Result::ok).collect(),
+        Err(_) => Vec::new(),
+    };
+    let Some((hour_ms, server_id)) = records.first().and_then(partition_of) else {
+        std::fs::remove_file(partial).map_err(io_err(partial))?;
+        return Ok(None);
+    };
+
+    let name = partial
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file_id = name.trim_end_matches(".avro.partial");
+    let key = object_key(hour_ms, &server_id, file_id);
+    let staging = partial.parent().unwrap_or(Path::new("."));
+    let salvaged = staging.join(format!("{file_id}.avro.salvage"));
+
+    let output = File::create(&salvaged).map_err(io_err(&salvaged))?;
+    let mut writer = Writer::with_codec(&SCHEMA, BufWriter::new(output), codec)?;
+    for record in &records {
+        writer.append_value_ref(record)?;
+    }
+    let output = writer
+        .into_inner()?
+        .into_inner()
+        .map_err(|err| io_err(&salvaged)(err.into_error()))?;
+    output.sync_all().map_err(io_err(&salvaged))?;
+    let bytes = output.metadata().map_err(io_err(&salvaged))?.len();
+    drop(output);
+
+    let finished_path = staging.join(&key);
+    rename_durably(&salvaged, &finished_path)?;
+    std::fs::remove_file(partial).map_err(io_err(partial))?;
+    Ok(Some(FinishedFile {
+        key,
+        path: finished_path,
+        bytes,
+        sessions: Some(records.len() as u64),
+    }))
+}
+
+/// Returns the partition hour and server id of a session record read back from a file.
+fn partition_of(record: &Value) -> Option<(i64, String)> {
+    let Value::Record(fields) = record else {
+        return None;
+    };
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value)
+    };
+    let closed_at_ms = match field("closed_at")? {
+        Value::TimestampMillis(ms) | Value::Long(ms) => *ms,
+        _ => return None,
+    };
+    let Value::String(server_id) = field("server_id")? else {
+        return None;
+    };
+    Some((
+        closed_at_ms.div_euclid(HOUR_MS) * HOUR_MS,
+        server_id.clone(),
+    ))
+}
+
 /// Renames `from` to `to`, creating the parent directories of `to`, and syncs both parent
 /// directories so the rename survives a crash. The publisher removes partition folders that
 /// it emptied, so a folder can vanish between its creation and the rename; the rename is then
@@ -433,6 +520,50 @@ mod tests {
     fn read_records(path: &std::path::Path) -> Vec<apache_avro::types::Value> {
         let reader = apache_avro::Reader::new(File::open(path).unwrap()).unwrap();
         reader.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn crash_cut_file_is_salvaged() {
+        let staging = tempfile::tempdir().unwrap();
+        let mut settings = settings(staging.path());
+        settings.codec = Codec::Snappy;
+        let mut writer = PartitionWriter::new(settings);
+        let now = parse_rfc3339_ms("2026-12-04T11:05:00Z").unwrap();
+        for _ in 0..3 {
+            let session = session("2026-12-04T10:59:00Z", "2026-12-04T11:05:00Z", 2);
+            writer.write(&session, now).unwrap();
+        }
+
+        // A crash: nothing is finished, and the last block was only half written.
+        let open = writer.open.drain().map(|(_, file)| file).next().unwrap();
+        let partial = open.path.clone();
+        let expected_key = open.key.clone();
+        std::mem::forget(open);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .unwrap();
+        file.write_all(&[6, 200, 1, 7, 7, 7]).unwrap();
+        drop(file);
+
+        let salvaged = salvage_partial(&partial, Codec::Null).unwrap().unwrap();
+        assert_eq!(
+            salvaged.key, expected_key,
+            "the key the file would have had"
+        );
+        assert_eq!(salvaged.sessions, Some(3));
+        assert!(!partial.exists());
+        assert_eq!(salvaged.path, staging.path().join(&expected_key));
+        assert_eq!(read_records(&salvaged.path).len(), 3);
+    }
+
+    #[test]
+    fn empty_partial_file_is_removed() {
+        let staging = tempfile::tempdir().unwrap();
+        let partial = staging.path().join("0193.avro.partial");
+        std::fs::write(&partial, b"Obj\x01").unwrap();
+        assert_eq!(salvage_partial(&partial, Codec::Null).unwrap(), None);
+        assert!(!partial.exists());
     }
 
     #[test]

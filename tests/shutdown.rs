@@ -80,3 +80,65 @@ fn second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "log:\n{log}");
     assert!(log.contains("second signal"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_closed_session() {
+    let output = tempfile::tempdir().unwrap();
+    let args = ["--session-timeout", "1s"];
+    let mut server = Server::start(output.path(), &args);
+    let client = reqwest::Client::new();
+    let mut sent = Vec::new();
+    for device in 0..20 {
+        let id = format!("crash-i{device}");
+        let body = serde_json::json!({"deviceId": format!("crash-{device}"),
+                                      "impressions": [{"impressionId": id, "feature": "f"}]});
+        let response = client
+            .post(server.url("/v1/collect"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        sent.push(id);
+    }
+
+    // Wait until every session has closed into the open partition file, then crash.
+    let count_url = server.url("/v1/sessions/count");
+    let mut active = usize::MAX;
+    for _ in 0..100 {
+        let count: serde_json::Value = client
+            .get(&count_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        active = count["activeSessions"].as_u64().unwrap() as usize;
+        if active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(active, 0, "the sessions closed");
+    server.signal(Signal::SIGKILL);
+    let (status, _) = server.wait(EXIT_TIMEOUT);
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    // The next start salvages the unfinished file and publishes it.
+    let restarted = Server::start(output.path(), &args);
+    let (status, log) = restarted.interrupt_and_wait(EXIT_TIMEOUT);
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(log.contains("salvaged"), "{log}");
+
+    let files = read_output_checked(output.path());
+    let mut stored: Vec<String> = files
+        .iter()
+        .flat_map(|file| &file.records)
+        .flat_map(|record| record["impressions"].as_array().unwrap())
+        .map(|impression| impression["impression_id"].as_str().unwrap().to_owned())
+        .collect();
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored, sent, "every acknowledged impression, exactly once");
+}
