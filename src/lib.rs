@@ -272,7 +272,7 @@ fn recover_staged_files(
                 contents.files.push(file);
             }
             Ok(None) => {
-                info!(path = %partial.display(), "removed an unfinished file that held no whole session")
+                info!(path = %partial.display(), "removed an unfinished file without a whole session")
             }
             Err(err) => {
                 error!(path = %partial.display(), error = %err, "failed to salvage an unfinished file; it is kept for inspection")

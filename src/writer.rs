@@ -369,7 +369,7 @@ pub fn salvage_partial(partial: &Path, codec: Codec) -> Result<Option<FinishedFi
         move |source| WriteError::Io { path, source }
     };
     let file = File::open(partial).map_err(io_err(partial))?;
-    // A file cut inside its header holds no session.
+    // A file cut inside its header contains no session.
     let records: Vec<Value> = match Reader::new(std::io::BufReader::new(file)) {
         Ok(reader) => reader.map_while(Result::ok).collect(),
         Err(_) => Vec::new(),
