@@ -1,0 +1,272 @@
+//! Micro-benchmarks of each step a batch takes: parse and validate, record into a session,
+//! close the session, encode it as Avro, and write it into a partition file.
+//!
+//! Batches have the shape that `load-tests/lib/traffic.js` sends: a first page of 1, 5 or 20
+//! impressions, then a reply impression with events on some of them. A session is what one k6
+//! visit leaves: 6 impressions and 3 events.
+//!
+//! ```text
+//! cargo bench --bench pipeline
+//! ```
+
+use std::hint::black_box;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apache_avro::{Codec, Writer};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use impression_server::avro::{SCHEMA, SessionRecord};
+use impression_server::batch::{Batch, DeviceIdSources};
+use impression_server::session::{
+    ClientInfo, CloseReason, ClosedSession, DEFAULT_MAX_SESSION_ITEMS, SessionLimits, SessionSink,
+    SessionStore,
+};
+use impression_server::writer::{PartitionWriter, WriterSettings};
+
+const T0_MS: i64 = 1_733_310_000_000;
+/// Sessions per iteration of the close and file benchmarks.
+const SESSIONS_PER_FILE: usize = 1000;
+
+/// Drops closed sessions, so recording is measured without the writer.
+struct DiscardSink;
+
+impl SessionSink for DiscardSink {
+    fn closed(&self, session: ClosedSession) {
+        drop(black_box(session));
+    }
+}
+
+fn limits() -> SessionLimits {
+    SessionLimits {
+        timeout: Duration::from_secs(30 * 60),
+        max_duration: Duration::from_secs(24 * 3600),
+        max_items: DEFAULT_MAX_SESSION_ITEMS,
+    }
+}
+
+/// Returns a first-page body with `impressions` impressions, like a k6 visit's first request.
+fn page_body(device: usize, impressions: usize) -> String {
+    let items: Vec<String> = (0..impressions)
+        .map(|i| {
+            format!(
+                r#"{{"impressionId":"i-bench-{device}-{i}","feature":"Recommendations","time":{time},
+                "args":{{"slot":"page-{i}","product":"p-{i}","position":{i}}},
+                "outputs":{{"callToAction":"Rate it","score":0.42}},"variants":["cta-test:B"]}}"#,
+                time = T0_MS + i as i64
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"deviceId":"d-bench-{device}","sessionKey":"tab-1","sentAt":{T0_MS},
+        "context":{{"entryUrl":"https://shop.example/p/42","referrer":"https://search.example/",
+        "userAgent":"k6 load test","clientType":"web"}},
+        "args":{{"userId":"u-1","plan":"pro"}},"impressions":[{}],"events":[]}}"#,
+        items.join(",")
+    )
+}
+
+/// Returns the second request of a visit: one more impression and events on two of the first.
+fn reply_body(device: usize) -> String {
+    format!(
+        r#"{{"deviceId":"d-bench-{device}","sessionKey":"tab-1","sentAt":{T0_MS},
+        "impressions":[{{"impressionId":"i-bench-{device}-reply","feature":"Banner","time":{T0_MS},
+        "args":{{"slot":"reply"}},"outputs":{{"callToAction":"Buy"}},"variants":["cta-test:A"]}}],
+        "events":[
+        {{"eventId":"e-bench-{device}-0","name":"Click","time":{T0_MS},"impressionId":"i-bench-{device}-0",
+        "fields":{{"stars":4,"source":"k6"}}}},
+        {{"eventId":"e-bench-{device}-1","name":"Rating","time":{T0_MS},"impressionId":"i-bench-{device}-3",
+        "fields":{{"stars":5,"source":"k6"}}}},
+        {{"eventId":"e-bench-{device}-2","name":"PageHidden","time":{T0_MS},"fields":{{"source":"k6"}}}}]}}"#
+    )
+}
+
+fn parse(body: &str) -> Batch {
+    Batch::parse(body.as_bytes(), DeviceIdSources::default(), T0_MS + 1000)
+        .expect("benchmark bodies are valid")
+}
+
+fn client() -> ClientInfo {
+    ClientInfo {
+        ip_address: Some("127.0.0.1".into()),
+        user_agent: None,
+    }
+}
+
+/// Returns `count` closed sessions of one k6 visit each (5 + 1 impressions, 3 events).
+fn closed_sessions(count: usize) -> Vec<ClosedSession> {
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let store = SessionStore::new(limits(), Box::new(SharedSink(closed.clone())));
+    for device in 0..count {
+        store
+            .record(parse(&page_body(device, 5)), client())
+            .expect("store is open");
+        store
+            .record(parse(&reply_body(device)), client())
+            .expect("store is open");
+    }
+    store.close_all(CloseReason::Shutdown, T0_MS + 2000);
+    std::mem::take(&mut *closed.lock().expect("not poisoned"))
+}
+
+/// Collects closed sessions where the benchmark can take them back.
+struct SharedSink(Arc<Mutex<Vec<ClosedSession>>>);
+
+impl SessionSink for SharedSink {
+    fn closed(&self, session: ClosedSession) {
+        self.0.closed(session);
+    }
+}
+
+fn bench_parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse");
+    for impressions in [1, 5, 20] {
+        let body = page_body(0, impressions);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(format!("page_{impressions}_impressions"), |b| {
+            b.iter(|| {
+                Batch::parse(
+                    black_box(body.as_bytes()),
+                    DeviceIdSources::default(),
+                    T0_MS,
+                )
+            })
+        });
+    }
+    let reply = reply_body(0);
+    group.throughput(Throughput::Bytes(reply.len() as u64));
+    group.bench_function("reply_1_impression_3_events", |b| {
+        b.iter(|| {
+            Batch::parse(
+                black_box(reply.as_bytes()),
+                DeviceIdSources::default(),
+                T0_MS,
+            )
+        })
+    });
+    group.finish();
+}
+
+fn bench_record(c: &mut Criterion) {
+    let mut group = c.benchmark_group("record");
+    for impressions in [1, 5, 20] {
+        let page = parse(&page_body(0, impressions));
+        group.bench_function(format!("new_session_{impressions}_impressions"), |b| {
+            b.iter_batched(
+                || {
+                    (
+                        SessionStore::new(limits(), Box::new(DiscardSink)),
+                        page.clone(),
+                    )
+                },
+                |(store, batch)| {
+                    let recorded = store.record(batch, client());
+                    (store, recorded)
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+
+    let page = parse(&page_body(0, 5));
+    let reply = parse(&reply_body(0));
+    group.bench_function("open_session_reply", |b| {
+        b.iter_batched(
+            || {
+                let store = SessionStore::new(limits(), Box::new(DiscardSink));
+                store.record(page.clone(), client()).expect("store is open");
+                (store, reply.clone())
+            },
+            |(store, batch)| {
+                let recorded = store.record(batch, client());
+                (store, recorded)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn bench_close(c: &mut Criterion) {
+    let mut group = c.benchmark_group("close");
+    group.throughput(Throughput::Elements(SESSIONS_PER_FILE as u64));
+    group.sample_size(20);
+    group.bench_function("close_all_1000_sessions", |b| {
+        b.iter_batched(
+            || {
+                let store = SessionStore::new(limits(), Box::new(DiscardSink));
+                for device in 0..SESSIONS_PER_FILE {
+                    store
+                        .record(parse(&page_body(device, 5)), client())
+                        .expect("store is open");
+                }
+                store
+            },
+            |store| {
+                store.close_all(CloseReason::Shutdown, T0_MS + 2000);
+                store
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn bench_encode(c: &mut Criterion) {
+    let sessions = closed_sessions(SESSIONS_PER_FILE);
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(1));
+    for (name, codec) in [("null", Codec::Null), ("snappy", Codec::Snappy)] {
+        let mut writer =
+            Writer::with_codec(&SCHEMA, std::io::sink(), codec).expect("writer starts");
+        let mut next = sessions.iter().cycle();
+        group.bench_function(format!("append_ser_{name}"), |b| {
+            b.iter(|| {
+                let session = next.next().expect("cycle never ends");
+                writer
+                    .append_ser(SessionRecord {
+                        session,
+                        server_id: "bench",
+                    })
+                    .expect("session encodes")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_file(c: &mut Criterion) {
+    let sessions = closed_sessions(SESSIONS_PER_FILE);
+    let staging = tempfile::tempdir().expect("temporary directory");
+    let mut group = c.benchmark_group("file");
+    group.throughput(Throughput::Elements(SESSIONS_PER_FILE as u64));
+    group.sample_size(20);
+    group.bench_function("write_1000_sessions_snappy", |b| {
+        b.iter(|| {
+            let mut writer = PartitionWriter::new(WriterSettings {
+                staging_dir: staging.path().to_owned(),
+                codec: Codec::Snappy,
+                server_id: "bench".to_owned(),
+                max_file_bytes: u64::MAX,
+                upload_interval: Duration::from_secs(3600),
+            });
+            for session in &sessions {
+                writer.write(session, T0_MS).expect("session is written");
+            }
+            for file in writer.finish_all() {
+                let file = file.expect("file is finished");
+                std::fs::remove_file(&file.path).expect("file is removed");
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_parse,
+    bench_record,
+    bench_close,
+    bench_encode,
+    bench_file
+);
+criterion_main!(benches);
