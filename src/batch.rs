@@ -174,15 +174,7 @@ impl Batch {
                 message: "expected a JSON object".to_owned(),
             });
         }
-        let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let parsed: BatchBody =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(from_json_error)?;
-        // Anything after the object, such as a second object, is an error, not silently dropped.
-        deserializer.end().map_err(|err| BatchError {
-            kind: BatchErrorKind::InvalidJson,
-            field: ROOT_FIELD.to_owned(),
-            message: err.to_string(),
-        })?;
+        let parsed = parse_body(body)?;
         let device_id = resolve_device_id(parsed.device_id.as_deref(), device_ids)?;
 
         let session_key = parsed.session_key;
@@ -246,6 +238,26 @@ impl Batch {
             events: stored_events,
         })
     }
+}
+
+/// Deserializes the body. Tracking the JSON path costs an allocation per object key, so it is
+/// done only for a body that failed, by parsing it a second time to name the field.
+fn parse_body(body: &[u8]) -> Result<BatchBody, BatchError> {
+    // `from_slice` also rejects anything after the object, as the second parse does below.
+    if let Ok(parsed) = serde_json::from_slice(body) {
+        return Ok(parsed);
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed: BatchBody =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(from_json_error)?;
+    // Anything after the object, such as a second object, is an error, not silently dropped.
+    deserializer.end().map_err(|err| BatchError {
+        kind: BatchErrorKind::InvalidJson,
+        field: ROOT_FIELD.to_owned(),
+        message: err.to_string(),
+    })?;
+    Ok(parsed)
 }
 
 /// Picks the device id from body, header and query, which must agree when several are given.
