@@ -424,25 +424,82 @@ impl<'de> Visitor<'de> for StringMapVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<StringMap, A::Error> {
         let mut entries: Vec<(Box<str>, Box<str>)> =
             Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
-        while let Some((key, value)) = access.next_entry::<Box<str>, serde_json::Value>()? {
-            let text = match value {
-                serde_json::Value::String(text) => text.into_boxed_str(),
-                other => other.to_string().into_boxed_str(),
-            };
+        while let Some((key, ValueText(text))) = access.next_entry::<Box<str>, ValueText>()? {
             entries.push((key, text));
         }
 
         // A repeated key keeps its last value, as JSON.parse does. The sort is stable, so the
-        // last of equal keys is the last of its run.
+        // last of equal keys is the last of its run, and `dedup_by` keeps the first of a run.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut unique: Vec<(Box<str>, Box<str>)> = Vec::with_capacity(entries.len());
-        for entry in entries {
-            match unique.last_mut() {
-                Some(last) if last.0 == entry.0 => *last = entry,
-                _ => unique.push(entry),
+        entries.dedup_by(|later, kept| {
+            if later.0 != kept.0 {
+                return false;
             }
-        }
-        Ok(StringMap(unique))
+            std::mem::swap(&mut later.1, &mut kept.1);
+            true
+        });
+        Ok(StringMap(entries))
+    }
+}
+
+/// One value of a [`StringMap`] as its stored text. Scalars go straight to text; objects and
+/// arrays are built as a [`serde_json::Value`] and written back as compact JSON.
+struct ValueText(Box<str>);
+
+impl<'de> Deserialize<'de> for ValueText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueTextVisitor)
+    }
+}
+
+struct ValueTextVisitor;
+
+impl<'de> Visitor<'de> for ValueTextVisitor {
+    type Value = ValueText;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<ValueText, E> {
+        Ok(ValueText(text.into()))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<ValueText, E> {
+        Ok(ValueText(text.into_boxed_str()))
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<ValueText, E> {
+        Ok(ValueText(if value { "true" } else { "false" }.into()))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<ValueText, E> {
+        Ok(ValueText(value.to_string().into_boxed_str()))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<ValueText, E> {
+        Ok(ValueText(value.to_string().into_boxed_str()))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<ValueText, E> {
+        // serde_json's own float formatting, so the text is what `Value::to_string` writes.
+        Ok(ValueText(
+            serde_json::Value::from(value).to_string().into_boxed_str(),
+        ))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<ValueText, E> {
+        Ok(ValueText("null".into()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<ValueText, A::Error> {
+        let value = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(access))?;
+        Ok(ValueText(value.to_string().into_boxed_str()))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, access: A) -> Result<ValueText, A::Error> {
+        let value = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(access))?;
+        Ok(ValueText(value.to_string().into_boxed_str()))
     }
 }
 
@@ -663,6 +720,24 @@ mod tests {
         let err = parse(r#"{"impressions": []}"#).unwrap_err();
         assert_eq!(err.field, "deviceId");
         assert!(err.message.starts_with("missing"), "{}", err.message);
+    }
+
+    #[test]
+    fn map_values_stored_as_json_text() {
+        let batch = parse(
+            r#"{"deviceId": "d", "args": {"s": "a\"b", "i": -7, "u": 18446744073709551615,
+                "f": 0.1, "e": 1e300, "t": true, "n": null, "o": {"k": [1, 2.5]}, "a": []}}"#,
+        )
+        .unwrap();
+        assert_eq!(batch.args.get("s"), Some("a\"b"));
+        assert_eq!(batch.args.get("i"), Some("-7"));
+        assert_eq!(batch.args.get("u"), Some("18446744073709551615"));
+        assert_eq!(batch.args.get("f"), Some("0.1"));
+        assert_eq!(batch.args.get("e"), Some("1e+300"));
+        assert_eq!(batch.args.get("t"), Some("true"));
+        assert_eq!(batch.args.get("n"), Some("null"));
+        assert_eq!(batch.args.get("o"), Some(r#"{"k":[1,2.5]}"#));
+        assert_eq!(batch.args.get("a"), Some("[]"));
     }
 
     #[test]
