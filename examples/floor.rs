@@ -1,8 +1,9 @@
 //! The HTTP floor: the least a server can do for a `POST /v1/collect` request on this machine.
 //!
-//! It reads the whole body and answers `200` with a fixed body shaped like the real answer, on
-//! the same stack as the real server (axum, hyper, a multi-threaded tokio runtime), and does
-//! nothing else. Load benchmarks compare the real server's throughput against it in the same run.
+//! It reads the whole body and responds `200` with a fixed body shaped like the real response,
+//! on the same stack as the real server (axum, hyper, a multi-threaded tokio runtime), and does
+//! nothing else. It keeps the system allocator. Load benchmarks compare the real server's
+//! throughput against it in the same run.
 //!
 //! ```text
 //! cargo run --release --example floor -- 127.0.0.1:3005
@@ -16,8 +17,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
 
-/// Same shape and length as a real answer, so both servers send the same bytes back.
-const ANSWER: &str = r#"{"sessionId":"0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","accepted":{"impressions":20,"events":0},"duplicates":0}"#;
+/// Same shape and length as a real response, so both servers send the same bytes back.
+const RESPONSE_BODY: &str = r#"{"sessionId":"0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","accepted":{"impressions":20,"events":0},"duplicates":0}"#;
 const DEFAULT_LISTEN: &str = "127.0.0.1:3005";
 
 #[tokio::main]
@@ -41,6 +42,6 @@ async fn collect(body: Bytes) -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        ANSWER,
+        RESPONSE_BODY,
     )
 }

@@ -110,9 +110,13 @@ def throughput(server_bin, floor_bin, work, args):
 
 
 def max_rate(binary, is_server, work, impressions, duration, run_id):
-    with running(binary, is_server, work) as (addr, _):
-        return wrk(addr, MAX_RATE_CONNECTIONS, duration,
-                   [impressions, 0, 5000, 0, 0, run_id])
+    with running(binary, is_server, work) as (addr, process):
+        cpu_before = cpu_seconds(process.pid)
+        result = wrk(addr, MAX_RATE_CONNECTIONS, duration, [impressions, 0, 5000, 0, 0, run_id])
+        cpu = cpu_seconds(process.pid) - cpu_before
+    # CPU time per request depends less on what else the shared machine runs than the rate does.
+    result["cpu_us_per_request"] = round(cpu * 1e6 / max(result["requests"], 1), 1)
+    return result
 
 
 def paced(binary, is_server, work, rate, duration):
@@ -205,6 +209,12 @@ def http_get(addr, path):
         return response.read().decode()
 
 
+def cpu_seconds(pid):
+    """Returns the user and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def resident_bytes(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -226,12 +236,19 @@ def print_table(report):
     runs = report.get("runs")
     if runs:
         print()
-        print("| impressions per batch | floor req/s | server req/s | server/floor |")
-        print("| --- | --- | --- | --- |")
+        print("| impressions per batch | floor req/s | server req/s | server/floor "
+              "| floor CPU us/req | server CPU us/req | floor/server CPU |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
     for impressions in (1, 20) if runs else ():
-        floor = statistics.median(r["rps"] for r in runs[f"floor_{impressions}"])
-        server = statistics.median(r["rps"] for r in runs[f"server_{impressions}"])
-        print(f"| {impressions} | {floor:.0f} | {server:.0f} | {server / floor:.2f} |")
+        floor = runs[f"floor_{impressions}"]
+        server = runs[f"server_{impressions}"]
+        floor_rps = statistics.median(r["rps"] for r in floor)
+        server_rps = statistics.median(r["rps"] for r in server)
+        floor_cpu = statistics.median(r["cpu_us_per_request"] for r in floor)
+        server_cpu = statistics.median(r["cpu_us_per_request"] for r in server)
+        print(f"| {impressions} | {floor_rps:.0f} | {server_rps:.0f} | "
+              f"{server_rps / floor_rps:.2f} | {floor_cpu:.1f} | {server_cpu:.1f} | "
+              f"{floor_cpu / server_cpu:.2f} |")
     if "paced" in report:
         print_paced(report["paced"])
     if "sessions" in report:

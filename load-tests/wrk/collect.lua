@@ -5,8 +5,8 @@
 --
 -- IMPRESSIONS and EVENTS are items per batch. Each thread cycles through DEVICES device ids, so
 -- a device gets its next batch once every DEVICES requests of its thread. DELAY_MS is the pause
--- of each connection between an answer and its next request (0 for none). A thread stops after
--- MAX_RESPONSES answers (0 for no limit); -d still bounds the run. done() prints one JSON line.
+-- of each connection between a response and its next request (0 for none). A thread stops after
+-- MAX_RESPONSES responses (0 for no limit); -d still bounds the run. done() prints one JSON line.
 
 local threads = {}
 local next_thread_id = 1
