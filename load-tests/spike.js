@@ -1,5 +1,5 @@
 // Spike test: a steady rate, a sudden jump to SPIKE_FACTOR times that rate, and back.
-// The server must answer every request through the spike, within looser latency.
+// The server must respond to every request through the spike, within looser latency.
 //
 //   RATE=20 SPIKE_FACTOR=10 k6 run load-tests/spike.js
 

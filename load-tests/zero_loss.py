@@ -176,7 +176,7 @@ def compare(acks, stored):
         if items:
             problems.append(f"{len(items)} items {name}, e.g. {items[:3]}")
 
-    # Every retried item must have been answered as a duplicate, and nothing else.
+    # Every retried item must have been reported as a duplicate, and nothing else.
     if acks["accepted"] != len(owner):
         problems.append(f"the server accepted {acks['accepted']} items but "
                         f"{len(owner)} distinct items were acknowledged")

@@ -122,7 +122,7 @@ pub async fn run(
     })?;
     let recovered = recover_staged_files(store.as_ref(), avro::codec(settings.codec))?;
     let metrics = Arc::new(Metrics::new());
-    // A file left by an earlier run is as old as this start, as far as this process knows.
+    // The age of a file left by an earlier run is unknown here, so it counts from this start.
     for file in &recovered {
         metrics.pending_since(&file.key, clock.now_ms());
     }

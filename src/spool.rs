@@ -1,8 +1,8 @@
 //! The files a staging directory contains at start and at shutdown.
 //!
 //! A complete file sits at `<staging>/<key>`, so its key is its path below the staging
-//! directory. A file still being written is `<staging>/<file_id>.avro.partial`; one found at
-//! start was cut short by a crash, and its whole sessions are salvaged into a complete file.
+//! directory. A file still being written is `<staging>/<file_id>.avro.partial`. One found at
+//! start was cut short by a crash, so its whole sessions are salvaged into a complete file.
 
 use std::io;
 use std::path::{Path, PathBuf};
