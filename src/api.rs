@@ -258,7 +258,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .ready
         .set(i64::from(!state.draining.load(Ordering::SeqCst)));
     metrics.update_pending_age(state.clock.now_ms());
-    // The encoder writes OpenMetrics text, which Prometheus reads when told so.
+    // The encoder writes OpenMetrics text, which Prometheus parses when the content type names it.
     let headers = [(
         header::CONTENT_TYPE,
         "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -93,7 +93,7 @@ pub struct HealthcheckArgs {
     #[arg(long, env = "IMPRESSION_SERVER_HEALTHCHECK_URL", default_value = crate::healthcheck::DEFAULT_URL)]
     pub url: String,
 
-    /// Time to wait for the answer.
+    /// Time to wait for the response.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
 }

@@ -349,7 +349,8 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            // Writing into a String cannot fail; an empty scrape is the safe result if it did.
+            // Writing into a String fails only if an encoder reports an error. An empty scrape
+            // is then the safe result.
             text.clear();
         }
         text

@@ -316,8 +316,9 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// Item ids in the form of [`count_items`]: `impression:ID` and `event:ID`.
 pub type ItemIds = Vec<String>;
 
-/// Posts `batches` batches from each of `devices` devices, each with three impressions of
-/// about `padding_bytes` of arguments and two events; returns the ids accepted with `200`.
+/// Posts `batches` batches from each of `devices` devices and returns the ids accepted with
+/// `200`. Each batch has three impressions, with about `padding_bytes` of arguments, and two
+/// events.
 pub async fn post_traffic(
     server: &str,
     tag: &str,
