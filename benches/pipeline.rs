@@ -80,7 +80,7 @@ fn reply_body(device: usize) -> String {
     )
 }
 
-fn parse(body: &str) -> Batch {
+fn parse(body: &str) -> Batch<'_> {
     Batch::parse(body.as_bytes(), DeviceIdSources::default(), T0_MS + 1000)
         .expect("benchmark bodies are valid")
 }
@@ -149,7 +149,8 @@ fn bench_parse(c: &mut Criterion) {
 fn bench_record(c: &mut Criterion) {
     let mut group = c.benchmark_group("record");
     for impressions in [1, 5, 20] {
-        let page = parse(&page_body(0, impressions));
+        let body = page_body(0, impressions);
+        let page = parse(&body);
         group.bench_function(format!("new_session_{impressions}_impressions"), |b| {
             b.iter_batched(
                 || {
@@ -167,8 +168,10 @@ fn bench_record(c: &mut Criterion) {
         });
     }
 
-    let page = parse(&page_body(0, 5));
-    let reply = parse(&reply_body(0));
+    let page_text = page_body(0, 5);
+    let reply_text = reply_body(0);
+    let page = parse(&page_text);
+    let reply = parse(&reply_text);
     group.bench_function("open_session_reply", |b| {
         b.iter_batched(
             || {

@@ -16,6 +16,8 @@ use axum::body::Bytes;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 /// Same shape and length as a real response, so both servers send the same bytes back.
 const RESPONSE_BODY: &str = r#"{"sessionId":"0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","accepted":{"impressions":20,"events":0},"duplicates":0}"#;
@@ -32,8 +34,17 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("listening addr={}", listener.local_addr()?);
 
+    // SIGINT or SIGTERM ends the process at once: the floor has nothing to finish. The handler
+    // is installed explicitly because a process started in the background inherits SIGINT
+    // ignored.
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            std::process::exit(0);
+        }
+    });
+
     let app = Router::new().route("/v1/collect", post(collect));
-    // SIGINT ends the process at once: the floor has nothing to finish.
     axum::serve(listener, app).await
 }
 

@@ -8,9 +8,9 @@ use std::sync::LazyLock;
 
 use apache_avro::{Codec, DeflateSettings, Schema, ZstandardSettings};
 use serde::Serialize;
-use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct, Serializer};
+use serde::ser::{SerializeMap, SerializeStruct, Serializer};
 
-use crate::batch::{Event, Impression, StringMap};
+use crate::batch::StringMap;
 use crate::config::CodecName;
 use crate::session::{CloseReason, ClosedSession};
 
@@ -85,53 +85,13 @@ impl Serialize for CloseReason {
     }
 }
 
-impl Serialize for Impression {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut record = serializer.serialize_struct("Impression", 7)?;
-        record.serialize_field("impression_id", &*self.impression_id)?;
-        record.serialize_field("feature", &*self.feature)?;
-        record.serialize_field("time", &self.time_ms)?;
-        record.serialize_field("client_time", &self.client_time_ms)?;
-        record.serialize_field("args", &self.args)?;
-        record.serialize_field("outputs", &self.outputs)?;
-        record.serialize_field("variants", &StrList(&self.variants))?;
-        record.end()
-    }
-}
-
-impl Serialize for Event {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut record = serializer.serialize_struct("Event", 7)?;
-        record.serialize_field("event_id", &*self.event_id)?;
-        record.serialize_field("name", &*self.name)?;
-        record.serialize_field("time", &self.time_ms)?;
-        record.serialize_field("client_time", &self.client_time_ms)?;
-        record.serialize_field("impression_id", &self.impression_id.as_deref())?;
-        record.serialize_field("feature", &self.feature.as_deref())?;
-        record.serialize_field("fields", &self.fields)?;
-        record.end()
-    }
-}
-
-impl Serialize for StringMap {
+impl Serialize for StringMap<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (key, value) in &self.0 {
             map.serialize_entry(&**key, &**value)?;
         }
         map.end()
-    }
-}
-
-struct StrList<'a>(&'a [Box<str>]);
-
-impl Serialize for StrList<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-        for item in self.0 {
-            seq.serialize_element(&**item)?;
-        }
-        seq.end()
     }
 }
 
@@ -143,7 +103,32 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::batch::Context;
+    use crate::batch::{Context, Event, Impression, Text};
+    use crate::items::{Events, Impressions};
+
+    /// A session with the items it was built from, which the expected record is made of.
+    #[derive(Debug, Clone)]
+    struct Generated {
+        session: ClosedSession,
+        impressions: Vec<Impression<'static>>,
+        events: Vec<Event<'static>>,
+    }
+
+    impl Generated {
+        fn new(
+            mut session: ClosedSession,
+            impressions: Vec<Impression<'static>>,
+            events: Vec<Event<'static>>,
+        ) -> Self {
+            session.impressions = impressions.iter().cloned().collect();
+            session.events = events.iter().cloned().collect();
+            Self {
+                session,
+                impressions,
+                events,
+            }
+        }
+    }
 
     /// Encodes sessions into an Avro container in memory.
     fn encode(sessions: &[ClosedSession], codec: Codec, marker: Option<[u8; 16]>) -> Vec<u8> {
@@ -172,7 +157,7 @@ mod tests {
             .collect()
     }
 
-    fn map_json(map: &StringMap) -> Value {
+    fn map_json(map: &StringMap<'_>) -> Value {
         Value::Object(
             map.0
                 .iter()
@@ -181,8 +166,9 @@ mod tests {
         )
     }
 
-    /// The record a reader must see for `session`, built independently of the encoder.
-    fn expected(session: &ClosedSession) -> Value {
+    /// The record a reader must see for `generated`, built independently of the encoder.
+    fn expected(generated: &Generated) -> Value {
+        let session = &generated.session;
         let reason = session.close_reason.as_str();
         json!({
             "session_id": session.session_id.to_string(),
@@ -200,7 +186,7 @@ mod tests {
             "referrer": session.context.referrer.as_deref(),
             "client_type": session.context.client_type.as_deref(),
             "args": map_json(&session.args),
-            "impressions": session.impressions.iter().map(|i| json!({
+            "impressions": generated.impressions.iter().map(|i| json!({
                 "impression_id": &*i.impression_id,
                 "feature": &*i.feature,
                 "time": i.time_ms,
@@ -209,7 +195,7 @@ mod tests {
                 "outputs": map_json(&i.outputs),
                 "variants": i.variants.iter().map(|v| &**v).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
-            "events": session.events.iter().map(|e| json!({
+            "events": generated.events.iter().map(|e| json!({
                 "event_id": &*e.event_id,
                 "name": &*e.name,
                 "time": e.time_ms,
@@ -221,19 +207,23 @@ mod tests {
         })
     }
 
-    fn text() -> impl Strategy<Value = Box<str>> {
-        any::<String>().prop_map(String::into_boxed_str)
+    fn text() -> impl Strategy<Value = Text<'static>> {
+        any::<String>().prop_map(Text::Owned)
     }
 
-    fn optional_text() -> impl Strategy<Value = Option<Box<str>>> {
+    fn optional_text() -> impl Strategy<Value = Option<Text<'static>>> {
         proptest::option::of(text())
     }
 
-    fn string_map() -> impl Strategy<Value = StringMap> {
+    fn boxed_text() -> impl Strategy<Value = Option<Box<str>>> {
+        proptest::option::of(any::<String>().prop_map(String::into_boxed_str))
+    }
+
+    fn string_map() -> impl Strategy<Value = StringMap<'static>> {
         proptest::collection::btree_map(any::<String>(), any::<String>(), 0..4).prop_map(|map| {
             StringMap(
                 map.into_iter()
-                    .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+                    .map(|(k, v)| (Text::Owned(k), Text::Owned(v)))
                     .collect(),
             )
         })
@@ -243,7 +233,7 @@ mod tests {
         0..253_402_300_799_999i64
     }
 
-    fn impression() -> impl Strategy<Value = Impression> {
+    fn impression() -> impl Strategy<Value = Impression<'static>> {
         (
             text(),
             text(),
@@ -268,7 +258,7 @@ mod tests {
             )
     }
 
-    fn event() -> impl Strategy<Value = Event> {
+    fn event() -> impl Strategy<Value = Event<'static>> {
         (
             text(),
             text(),
@@ -303,7 +293,7 @@ mod tests {
         ]
     }
 
-    fn closed_session() -> impl Strategy<Value = ClosedSession> {
+    fn closed_session() -> impl Strategy<Value = Generated> {
         let context = (
             optional_text(),
             optional_text(),
@@ -319,31 +309,34 @@ mod tests {
         (
             (
                 any::<u128>(),
-                text(),
-                optional_text(),
+                any::<String>().prop_map(String::into_boxed_str),
+                boxed_text(),
                 proptest::option::of(any::<u128>()),
             ),
             (time(), time(), time(), close_reason()),
-            (optional_text(), context, string_map()),
+            (boxed_text(), context, string_map()),
             (
                 proptest::collection::vec(impression(), 0..4),
                 proptest::collection::vec(event(), 0..4),
             ),
         )
-            .prop_map(|(ids, times, client, items)| ClosedSession {
-                session_id: Uuid::from_u128(ids.0),
-                device_id: ids.1,
-                session_key: ids.2,
-                previous_session_id: ids.3.map(Uuid::from_u128),
-                start_time_ms: times.0,
-                end_time_ms: times.1,
-                closed_at_ms: times.2,
-                close_reason: times.3,
-                ip_address: client.0,
-                context: client.1,
-                args: client.2,
-                impressions: items.0,
-                events: items.1,
+            .prop_map(|(ids, times, client, items)| {
+                let session = ClosedSession {
+                    session_id: Uuid::from_u128(ids.0),
+                    device_id: ids.1,
+                    session_key: ids.2,
+                    previous_session_id: ids.3.map(Uuid::from_u128),
+                    start_time_ms: times.0,
+                    end_time_ms: times.1,
+                    closed_at_ms: times.2,
+                    close_reason: times.3,
+                    ip_address: client.0,
+                    context: client.1,
+                    args: client.2,
+                    impressions: Impressions::default(),
+                    events: Events::default(),
+                };
+                Generated::new(session, items.0, items.1)
             })
     }
 
@@ -352,13 +345,15 @@ mod tests {
 
         #[test]
         fn records_round_trip(sessions in proptest::collection::vec(closed_session(), 1..4)) {
-            let bytes = encode(&sessions, Codec::Snappy, None);
+            let closed: Vec<ClosedSession> =
+                sessions.iter().map(|generated| generated.session.clone()).collect();
+            let bytes = encode(&closed, Codec::Snappy, None);
             let expected: Vec<Value> = sessions.iter().map(expected).collect();
             prop_assert_eq!(decode(&bytes), expected);
         }
     }
 
-    fn golden_session() -> ClosedSession {
+    fn golden_session() -> Generated {
         let impression = Impression {
             impression_id: "0b6e".into(),
             feature: "RatingBox".into(),
@@ -377,7 +372,7 @@ mod tests {
             feature: Some("RatingBox".into()),
             fields: StringMap(vec![("stars".into(), "5".into())]),
         };
-        ClosedSession {
+        let session = ClosedSession {
             session_id: Uuid::from_u128(0x0193_8c8e_5a00_7000_8000_0000_0000_0001),
             device_id: "d-6f1c2a".into(),
             session_key: Some("tab-1".into()),
@@ -397,9 +392,10 @@ mod tests {
                 ("plan".into(), "pro".into()),
                 ("userId".into(), "u-1".into()),
             ]),
-            impressions: vec![impression],
-            events: vec![event],
-        }
+            impressions: Impressions::default(),
+            events: Events::default(),
+        };
+        Generated::new(session, vec![impression], vec![event])
     }
 
     /// The bytes of one record are pinned, so any change to the encoding is a visible diff.
@@ -408,7 +404,7 @@ mod tests {
     fn encoding_matches_golden_file() {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/session.avro");
-        let bytes = encode(&[golden_session()], Codec::Null, Some([7; 16]));
+        let bytes = encode(&[golden_session().session], Codec::Null, Some([7; 16]));
         if std::env::var_os("IMPRESSION_SERVER_UPDATE_GOLDEN").is_some() {
             std::fs::write(&path, &bytes).unwrap();
         }

@@ -1,17 +1,20 @@
 //! The `POST /v1/collect` body: parsing, validation and conversion into session items.
 //!
-//! A body is parsed once into typed structs; every error names the JSON path of the field and
-//! the problem. A batch that passes is converted into [`Batch`], with item times corrected for
-//! the client's clock skew, before any session is touched, so a batch is accepted or rejected
-//! whole.
+//! A body is parsed once into typed structs whose strings borrow from the body where the JSON
+//! has no escapes; every error names the JSON path of the field and the problem. A batch that
+//! passes is converted into [`Batch`], with item times corrected for the client's clock skew,
+//! before any session is touched, so a batch is accepted or rejected whole.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::clock::parse_rfc3339_ms;
-use crate::limits::{BatchLimits, check_batch, check_depth};
+use crate::limits::{BATCH_DEPTH, BatchLimits, check_batch, check_depth, has_nested_values};
+
+mod fast;
 
 /// Longest accepted device id, in bytes.
 pub const MAX_DEVICE_ID_BYTES: usize = 256;
@@ -37,56 +40,60 @@ pub enum BatchErrorKind {
 }
 
 /// A validated batch, ready to be recorded into the device's session.
+///
+/// Its strings borrow from the request body unless the JSON escaped them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
+pub struct Batch<'a> {
     pub device_id: Box<str>,
-    pub session_key: Option<Box<str>>,
+    pub session_key: Option<Text<'a>>,
     /// Server time at which the request arrived.
     pub received_ms: i64,
-    pub context: Context,
-    pub args: StringMap,
-    pub impressions: Vec<Impression>,
-    pub events: Vec<Event>,
+    pub context: Context<'a>,
+    pub args: StringMap<'a>,
+    pub impressions: Vec<Impression<'a>>,
+    pub events: Vec<Event<'a>>,
 }
 
 /// Client-reported context of the visit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Context {
-    pub entry_url: Option<Box<str>>,
-    pub referrer: Option<Box<str>>,
-    pub user_agent: Option<Box<str>>,
-    pub client_type: Option<Box<str>>,
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context<'a> {
+    pub entry_url: Option<Text<'a>>,
+    pub referrer: Option<Text<'a>>,
+    pub user_agent: Option<Text<'a>>,
+    pub client_type: Option<Text<'a>>,
 }
+
+/// A string of a batch: borrowed from the body, or owned where the JSON escaped it.
+pub type Text<'a> = Cow<'a, str>;
 
 /// A JSON object flattened to string values: a string as itself, anything else as its JSON text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StringMap(pub Vec<(Box<str>, Box<str>)>);
+pub struct StringMap<'a>(pub Vec<(Text<'a>, Text<'a>)>);
 
-/// One impression as stored.
+/// One impression of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Impression {
-    pub impression_id: Box<str>,
-    pub feature: Box<str>,
+pub struct Impression<'a> {
+    pub impression_id: Text<'a>,
+    pub feature: Text<'a>,
     /// Client time corrected for skew, never after arrival.
     pub time_ms: i64,
     pub client_time_ms: Option<i64>,
-    pub args: StringMap,
-    pub outputs: StringMap,
-    pub variants: Vec<Box<str>>,
+    pub args: StringMap<'a>,
+    pub outputs: StringMap<'a>,
+    pub variants: Vec<Text<'a>>,
 }
 
-/// One event as stored.
+/// One event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub event_id: Box<str>,
-    pub name: Box<str>,
+pub struct Event<'a> {
+    pub event_id: Text<'a>,
+    pub name: Text<'a>,
     pub time_ms: i64,
     pub client_time_ms: Option<i64>,
-    pub impression_id: Option<Box<str>>,
-    /// The feature of the impression the event refers to; filled in by the session when known.
-    pub feature: Option<Box<str>>,
-    pub fields: StringMap,
+    pub impression_id: Option<Text<'a>>,
+    /// The feature of the impression the event refers to, when the client sent it.
+    pub feature: Option<Text<'a>>,
+    pub fields: StringMap<'a>,
 }
 
 /// Device id sources other than the body.
@@ -96,40 +103,69 @@ pub struct DeviceIdSources<'a> {
     pub query: Option<&'a str>,
 }
 
-// The body as sent. Unknown fields are ignored so that newer clients keep working.
+// The body as sent. Unknown fields are rejected, so that a misspelt field is not dropped unseen.
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BatchBody {
-    device_id: Option<String>,
-    session_key: Option<Box<str>>,
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    device_id: Option<BodyText<'a>>,
+    #[serde(borrow)]
+    session_key: Option<BodyText<'a>>,
     sent_at: Option<Timestamp>,
-    context: Option<Context>,
-    args: Option<StringMap>,
-    impressions: Option<Vec<ImpressionBody>>,
-    events: Option<Vec<EventBody>>,
+    #[serde(borrow)]
+    context: Option<ContextBody<'a>>,
+    #[serde(borrow)]
+    args: Option<StringMap<'a>>,
+    #[serde(borrow)]
+    impressions: Option<Vec<ImpressionBody<'a>>>,
+    #[serde(borrow)]
+    events: Option<Vec<EventBody<'a>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ImpressionBody {
-    impression_id: Box<str>,
-    feature: Box<str>,
+struct ImpressionBody<'a> {
+    #[serde(borrow)]
+    impression_id: BodyText<'a>,
+    #[serde(borrow)]
+    feature: BodyText<'a>,
     time: Option<Timestamp>,
-    args: Option<StringMap>,
-    outputs: Option<StringMap>,
-    variants: Option<Vec<Box<str>>>,
+    #[serde(borrow)]
+    args: Option<StringMap<'a>>,
+    #[serde(borrow)]
+    outputs: Option<StringMap<'a>>,
+    #[serde(borrow)]
+    variants: Option<Vec<BodyText<'a>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct EventBody {
-    event_id: Box<str>,
-    name: Box<str>,
+struct EventBody<'a> {
+    #[serde(borrow)]
+    event_id: BodyText<'a>,
+    #[serde(borrow)]
+    name: BodyText<'a>,
     time: Option<Timestamp>,
-    impression_id: Option<Box<str>>,
-    feature: Option<Box<str>>,
-    fields: Option<StringMap>,
+    #[serde(borrow)]
+    impression_id: Option<BodyText<'a>>,
+    #[serde(borrow)]
+    feature: Option<BodyText<'a>>,
+    #[serde(borrow)]
+    fields: Option<StringMap<'a>>,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ContextBody<'a> {
+    #[serde(borrow)]
+    entry_url: Option<BodyText<'a>>,
+    #[serde(borrow)]
+    referrer: Option<BodyText<'a>>,
+    #[serde(borrow)]
+    user_agent: Option<BodyText<'a>>,
+    #[serde(borrow)]
+    client_type: Option<BodyText<'a>>,
 }
 
 /// A time as milliseconds since the Unix epoch or as an RFC 3339 string.
@@ -138,10 +174,10 @@ struct Timestamp(i64);
 
 // === impl Batch ===
 
-impl Batch {
+impl<'a> Batch<'a> {
     /// Parses and validates a request body received at `received_ms`, with the default limits.
     pub fn parse(
-        body: &[u8],
+        body: &'a [u8],
         device_ids: DeviceIdSources<'_>,
         received_ms: i64,
     ) -> Result<Self, BatchError> {
@@ -150,19 +186,31 @@ impl Batch {
 
     /// Parses and validates a request body received at `received_ms`, within `limits`.
     pub fn parse_with(
-        body: &[u8],
+        body: &'a [u8],
         device_ids: DeviceIdSources<'_>,
         received_ms: i64,
         limits: &BatchLimits,
     ) -> Result<Self, BatchError> {
-        check_depth(body, limits.max_json_depth)?;
-        let batch = Self::parse_unchecked(body, device_ids, received_ms)?;
+        // The batch's own structure nests `BATCH_DEPTH` levels, so under any limit of at least
+        // that only an object or array inside a map value can nest deeper. A body is
+        // scanned for depth only when it has such a value or fails to parse, so that a deep
+        // body is reported by its depth whatever else is wrong with it.
+        let batch = match Self::parse_unchecked(body, device_ids, received_ms) {
+            Ok(batch) => batch,
+            Err(err) => {
+                check_depth(body, limits.max_json_depth)?;
+                return Err(err);
+            }
+        };
+        if limits.max_json_depth < BATCH_DEPTH || has_nested_values(&batch) {
+            check_depth(body, limits.max_json_depth)?;
+        }
         check_batch(&batch, limits)?;
         Ok(batch)
     }
 
     fn parse_unchecked(
-        body: &[u8],
+        body: &'a [u8],
         device_ids: DeviceIdSources<'_>,
         received_ms: i64,
     ) -> Result<Self, BatchError> {
@@ -175,9 +223,9 @@ impl Batch {
             });
         }
         let parsed = parse_body(body)?;
-        let device_id = resolve_device_id(parsed.device_id.as_deref(), device_ids)?;
+        let device_id = resolve_device_id(text(&parsed.device_id), device_ids)?;
 
-        let session_key = parsed.session_key;
+        let session_key = parsed.session_key.map(|key| key.0);
         if session_key.as_deref().is_some_and(str::is_empty) {
             return Err(invalid_field("sessionKey", "must not be empty"));
         }
@@ -195,35 +243,44 @@ impl Batch {
         let impressions = parsed.impressions.unwrap_or_default();
         let mut stored_impressions = Vec::with_capacity(impressions.len());
         for (index, item) in impressions.into_iter().enumerate() {
-            require_text(&item.impression_id, || {
+            require_text(&item.impression_id.0, || {
                 format!("impressions[{index}].impressionId")
             })?;
-            require_text(&item.feature, || format!("impressions[{index}].feature"))?;
+            require_text(&item.feature.0, || format!("impressions[{index}].feature"))?;
             let (time_ms, client_time_ms) = correct(item.time);
             stored_impressions.push(Impression {
-                impression_id: item.impression_id,
-                feature: item.feature,
+                impression_id: item.impression_id.0,
+                feature: item.feature.0,
                 time_ms,
                 client_time_ms,
                 args: item.args.unwrap_or_default(),
                 outputs: item.outputs.unwrap_or_default(),
-                variants: item.variants.unwrap_or_default(),
+                variants: item
+                    .variants
+                    .map(|variants| variants.into_iter().map(|variant| variant.0).collect())
+                    .unwrap_or_default(),
             });
         }
 
         let events = parsed.events.unwrap_or_default();
         let mut stored_events = Vec::with_capacity(events.len());
         for (index, item) in events.into_iter().enumerate() {
-            require_text(&item.event_id, || format!("events[{index}].eventId"))?;
-            require_text(&item.name, || format!("events[{index}].name"))?;
+            require_text(&item.event_id.0, || format!("events[{index}].eventId"))?;
+            require_text(&item.name.0, || format!("events[{index}].name"))?;
             let (time_ms, client_time_ms) = correct(item.time);
             stored_events.push(Event {
-                event_id: item.event_id,
-                name: item.name,
+                event_id: item.event_id.0,
+                name: item.name.0,
                 time_ms,
                 client_time_ms,
-                impression_id: item.impression_id.filter(|id| !id.is_empty()),
-                feature: item.feature.filter(|feature| !feature.is_empty()),
+                impression_id: item
+                    .impression_id
+                    .map(|id| id.0)
+                    .filter(|id| !id.is_empty()),
+                feature: item
+                    .feature
+                    .map(|feature| feature.0)
+                    .filter(|feature| !feature.is_empty()),
                 fields: item.fields.unwrap_or_default(),
             });
         }
@@ -232,7 +289,10 @@ impl Batch {
             device_id,
             session_key,
             received_ms,
-            context: parsed.context.unwrap_or_default(),
+            context: parsed
+                .context
+                .map(ContextBody::into_context)
+                .unwrap_or_default(),
             args: parsed.args.unwrap_or_default(),
             impressions: stored_impressions,
             events: stored_events,
@@ -240,16 +300,23 @@ impl Batch {
     }
 }
 
-/// Deserializes the body. Tracking the JSON path costs an allocation per object key, so it is
-/// done only for a body that failed, by parsing it a second time to name the field.
-fn parse_body(body: &[u8]) -> Result<BatchBody, BatchError> {
-    // `from_slice` also rejects anything after the object, as the second parse does below.
-    if let Ok(parsed) = serde_json::from_slice(body) {
-        return Ok(parsed);
+/// Deserializes the body: with the parser for the common shape, then with serde where that one
+/// gives up. Tracking the JSON path costs an allocation per object key, so it is done only for
+/// a body that failed, by parsing it a third time to name the field.
+fn parse_body(body: &[u8]) -> Result<BatchBody<'_>, BatchError> {
+    // UTF-8 is checked once for the whole body, so the parser need not check every string.
+    // `from_str` also rejects anything after the object, as the second parse does below.
+    if let Ok(text) = std::str::from_utf8(body) {
+        if let Some(parsed) = fast::parse(text) {
+            return Ok(parsed);
+        }
+        if let Ok(parsed) = serde_json::from_str(text) {
+            return Ok(parsed);
+        }
     }
 
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed: BatchBody =
+    let parsed: BatchBody<'_> =
         serde_path_to_error::deserialize(&mut deserializer).map_err(from_json_error)?;
     // Anything after the object, such as a second object, is an error, not silently dropped.
     deserializer.end().map_err(|err| BatchError {
@@ -258,6 +325,21 @@ fn parse_body(body: &[u8]) -> Result<BatchBody, BatchError> {
         message: err.to_string(),
     })?;
     Ok(parsed)
+}
+
+fn text<'t>(value: &'t Option<BodyText<'_>>) -> Option<&'t str> {
+    value.as_ref().map(|value| &*value.0)
+}
+
+impl<'a> ContextBody<'a> {
+    fn into_context(self) -> Context<'a> {
+        Context {
+            entry_url: self.entry_url.map(|text| text.0),
+            referrer: self.referrer.map(|text| text.0),
+            user_agent: self.user_agent.map(|text| text.0),
+            client_type: self.client_type.map(|text| text.0),
+        }
+    }
 }
 
 /// Picks the device id from body, header and query, which must agree when several are given.
@@ -356,42 +438,35 @@ fn from_json_error(err: serde_path_to_error::Error<serde_json::Error>) -> BatchE
     }
 }
 
-// === impl Impression and Event ===
+// === impl Context ===
 
-impl Impression {
-    /// Returns the estimated heap bytes of this impression, its own struct included.
-    pub fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.impression_id.len()
-            + self.feature.len()
-            + self.args.heap_bytes()
-            + self.outputs.heap_bytes()
-            + self
-                .variants
-                .iter()
-                .map(|v| v.len() + std::mem::size_of::<Box<str>>())
-                .sum::<usize>()
+impl Context<'_> {
+    /// Returns the context with every string owned, to outlive the request body.
+    pub fn into_owned(self) -> Context<'static> {
+        Context {
+            entry_url: self.entry_url.map(owned),
+            referrer: self.referrer.map(owned),
+            user_agent: self.user_agent.map(owned),
+            client_type: self.client_type.map(owned),
+        }
     }
 }
 
-impl Event {
-    /// Returns the estimated heap bytes of this event, its own struct included.
-    pub fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.event_id.len()
-            + self.name.len()
-            + self.impression_id.as_deref().map_or(0, str::len)
-            + self.feature.as_deref().map_or(0, str::len)
-            + self.fields.heap_bytes()
-    }
+/// Returns `text` as an owned string of exactly its length, to keep in a session.
+pub fn owned(text: Text<'_>) -> Text<'static> {
+    Cow::Owned(match text {
+        Cow::Borrowed(text) => text.to_owned(),
+        // A number's text is written into a larger buffer; keep only its length.
+        Cow::Owned(text) => text.into_boxed_str().into_string(),
+    })
 }
 
 // === impl StringMap ===
 
-impl StringMap {
+impl StringMap<'_> {
     /// Returns the estimated heap bytes of the map's entries.
     pub fn heap_bytes(&self) -> usize {
-        let entries = self.0.capacity() * std::mem::size_of::<(Box<str>, Box<str>)>();
+        let entries = self.0.capacity() * std::mem::size_of::<(Text<'_>, Text<'_>)>();
         entries
             + self
                 .0
@@ -402,11 +477,11 @@ impl StringMap {
 
     /// Returns the value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| &**v)
     }
 }
 
-impl<'de> Deserialize<'de> for StringMap {
+impl<'de: 'a, 'a> Deserialize<'de> for StringMap<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_map(StringMapVisitor)
     }
@@ -415,38 +490,79 @@ impl<'de> Deserialize<'de> for StringMap {
 struct StringMapVisitor;
 
 impl<'de> Visitor<'de> for StringMapVisitor {
-    type Value = StringMap;
+    type Value = StringMap<'de>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<StringMap, A::Error> {
-        let mut entries: Vec<(Box<str>, Box<str>)> =
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<StringMap<'de>, A::Error> {
+        let mut entries: Vec<(Text<'de>, Text<'de>)> =
             Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
-        while let Some((key, ValueText(text))) = access.next_entry::<Box<str>, ValueText>()? {
+        while let Some((BodyText(key), ValueText(text))) =
+            access.next_entry::<BodyText<'de>, ValueText<'de>>()?
+        {
             entries.push((key, text));
         }
 
-        // A repeated key keeps its last value, as JSON.parse does. The sort is stable, so the
-        // last of equal keys is the last of its run, and `dedup_by` keeps the first of a run.
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        entries.dedup_by(|later, kept| {
-            if later.0 != kept.0 {
-                return false;
-            }
-            std::mem::swap(&mut later.1, &mut kept.1);
-            true
-        });
-        Ok(StringMap(entries))
+        Ok(dedup_keys(entries))
     }
 }
 
-/// One value of a [`StringMap`] as its stored text. Scalars go straight to text; objects and
-/// arrays are built as a [`serde_json::Value`] and written back as compact JSON.
-struct ValueText(Box<str>);
+/// Sorts map entries by key; a repeated key keeps its last value, as `JSON.parse` does.
+fn dedup_keys<'a>(mut entries: Vec<(Text<'a>, Text<'a>)>) -> StringMap<'a> {
+    // The sort is stable, so the last of equal keys is the last of its run, and `dedup_by`
+    // keeps the first of a run.
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.dedup_by(|later, kept| {
+        if later.0 != kept.0 {
+            return false;
+        }
+        std::mem::swap(&mut later.1, &mut kept.1);
+        true
+    });
+    StringMap(entries)
+}
 
-impl<'de> Deserialize<'de> for ValueText {
+/// A string of the body, borrowed where it has no escapes. (`Cow`'s own `Deserialize` always
+/// copies, and serde borrows into a `Cow` only when it is a field's whole type.)
+#[derive(Debug, PartialEq)]
+struct BodyText<'a>(Text<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for BodyText<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(BodyTextVisitor)
+    }
+}
+
+struct BodyTextVisitor;
+
+impl<'de> Visitor<'de> for BodyTextVisitor {
+    type Value = BodyText<'de>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<BodyText<'de>, E> {
+        Ok(BodyText(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<BodyText<'de>, E> {
+        Ok(BodyText(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<BodyText<'de>, E> {
+        Ok(BodyText(Cow::Owned(text)))
+    }
+}
+
+/// One value of a [`StringMap`] as its stored text. Strings borrow from the body, other scalars
+/// become text, and objects and arrays are built as a [`serde_json::Value`] and written back as
+/// compact JSON.
+struct ValueText<'a>(Text<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for ValueText<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ValueTextVisitor)
     }
@@ -455,52 +571,65 @@ impl<'de> Deserialize<'de> for ValueText {
 struct ValueTextVisitor;
 
 impl<'de> Visitor<'de> for ValueTextVisitor {
-    type Value = ValueText;
+    type Value = ValueText<'de>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("any JSON value")
     }
 
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<ValueText, E> {
-        Ok(ValueText(text.into()))
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<ValueText<'de>, E> {
+        Ok(ValueText(Cow::Borrowed(text)))
     }
 
-    fn visit_string<E: de::Error>(self, text: String) -> Result<ValueText, E> {
-        Ok(ValueText(text.into_boxed_str()))
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<ValueText<'de>, E> {
+        Ok(ValueText(Cow::Owned(text.to_owned())))
     }
 
-    fn visit_bool<E: de::Error>(self, value: bool) -> Result<ValueText, E> {
-        Ok(ValueText(if value { "true" } else { "false" }.into()))
+    fn visit_string<E: de::Error>(self, text: String) -> Result<ValueText<'de>, E> {
+        Ok(ValueText(Cow::Owned(text)))
     }
 
-    fn visit_i64<E: de::Error>(self, value: i64) -> Result<ValueText, E> {
-        Ok(ValueText(value.to_string().into_boxed_str()))
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<ValueText<'de>, E> {
+        Ok(ValueText(Cow::Borrowed(if value {
+            "true"
+        } else {
+            "false"
+        })))
     }
 
-    fn visit_u64<E: de::Error>(self, value: u64) -> Result<ValueText, E> {
-        Ok(ValueText(value.to_string().into_boxed_str()))
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<ValueText<'de>, E> {
+        number_text(value)
     }
 
-    fn visit_f64<E: de::Error>(self, value: f64) -> Result<ValueText, E> {
-        // serde_json's own float formatting, so the text is what `Value::to_string` writes.
-        Ok(ValueText(
-            serde_json::Value::from(value).to_string().into_boxed_str(),
-        ))
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<ValueText<'de>, E> {
+        number_text(value)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<ValueText, E> {
-        Ok(ValueText("null".into()))
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<ValueText<'de>, E> {
+        number_text(value)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<ValueText, A::Error> {
+    fn visit_unit<E: de::Error>(self) -> Result<ValueText<'de>, E> {
+        Ok(ValueText(Cow::Borrowed("null")))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<ValueText<'de>, A::Error> {
         let value = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(access))?;
-        Ok(ValueText(value.to_string().into_boxed_str()))
+        Ok(ValueText(Cow::Owned(value.to_string())))
     }
 
-    fn visit_seq<A: de::SeqAccess<'de>>(self, access: A) -> Result<ValueText, A::Error> {
+    fn visit_seq<A: de::SeqAccess<'de>>(self, access: A) -> Result<ValueText<'de>, A::Error> {
         let value = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(access))?;
-        Ok(ValueText(value.to_string().into_boxed_str()))
+        Ok(ValueText(Cow::Owned(value.to_string())))
     }
+}
+
+/// Writes a number as serde_json writes it, which is what `Value::to_string` gives, without
+/// going through `core::fmt`.
+fn number_text<'de, E: de::Error>(value: impl serde::Serialize) -> Result<ValueText<'de>, E> {
+    serde_json::to_string(&value)
+        .map(|text| ValueText(Cow::Owned(text)))
+        .map_err(E::custom)
 }
 
 // === impl Timestamp ===
@@ -566,7 +695,7 @@ mod tests {
 
     const RECEIVED_MS: i64 = 1_733_310_010_000;
 
-    fn parse(body: &str) -> Result<Batch, BatchError> {
+    fn parse(body: &str) -> Result<Batch<'_>, BatchError> {
         Batch::parse(body.as_bytes(), DeviceIdSources::default(), RECEIVED_MS)
     }
 

@@ -47,8 +47,8 @@ pub const DEFAULT_S3_CHECK_TIMEOUT: &str = "20s";
 
 /// Smallest accepted `--max-file-bytes`: below it every session would get its own file.
 const MIN_FILE_BYTES: u64 = 4 * 1024;
-/// Smallest accepted `--max-json-depth`: a batch with items and their maps uses 4 levels.
-const MIN_JSON_DEPTH: usize = 4;
+/// Smallest accepted `--max-json-depth`: a batch with items and their maps.
+const MIN_JSON_DEPTH: usize = limits::BATCH_DEPTH;
 /// Longest accepted `--server-id`; it becomes part of every object key.
 const MAX_SERVER_ID_CHARS: usize = 64;
 /// Smallest accepted `--s3-multipart-threshold-bytes`: S3 rejects parts below 5 MiB, except

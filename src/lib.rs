@@ -29,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod healthcheck;
 pub mod intake;
+pub mod items;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;

@@ -11,6 +11,8 @@ pub const DEFAULT_MAX_STRING_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_MAP_KEYS: usize = 100;
 /// Default maximum nesting of arrays and objects in a body; the batch itself uses 4 levels.
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 20;
+/// Nesting of the batch's own structure: body, `impressions`, an item and its `args`.
+pub const BATCH_DEPTH: usize = 4;
 
 /// The limits a batch must keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,52 @@ enum Step {
 /// The scan follows the JSON structure only as far as depth and path need. A body that is not
 /// valid JSON passes here and is rejected by the parser.
 pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), BatchError> {
+    if !deeper_than(body, max_depth) {
+        return Ok(());
+    }
+    // Only a body that is too deep pays for tracking the path that names the field.
+    name_too_deep(body, max_depth)
+}
+
+/// Returns whether arrays and objects in `body` nest deeper than `max_depth`. String contents
+/// are skipped with `memchr`, which is most of a batch's bytes.
+fn deeper_than(body: &[u8], max_depth: usize) -> bool {
+    let mut depth = 0usize;
+    let mut at = 0;
+    while let Some(&byte) = body.get(at) {
+        match byte {
+            b'"' => loop {
+                // Jump to the closing quote, past escaped characters.
+                let Some(found) = body
+                    .get(at + 1..)
+                    .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                else {
+                    // An unterminated string: the parser rejects the body.
+                    return false;
+                };
+                at += 1 + found;
+                if body[at] == b'"' {
+                    break;
+                }
+                // Skip the backslash; the loop steps over the escaped character.
+                at += 1;
+            },
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    false
+}
+
+/// Scans a body that nests too deep and returns the error naming where it does.
+fn name_too_deep(body: &[u8], max_depth: usize) -> Result<(), BatchError> {
     let mut path: Vec<Step> = Vec::new();
     let mut in_string = false;
     let mut escaped = false;
@@ -124,8 +172,20 @@ fn render_path(path: &[Step]) -> String {
     }
 }
 
+/// Returns whether any map value of `batch` may have been a JSON object or array. A string that
+/// starts with a bracket also counts; it only costs a depth scan.
+pub fn has_nested_values(batch: &Batch<'_>) -> bool {
+    let nested = |map: &StringMap<'_>| map.0.iter().any(|(_, value)| value.starts_with(['{', '[']));
+    nested(&batch.args)
+        || batch
+            .impressions
+            .iter()
+            .any(|item| nested(&item.args) || nested(&item.outputs))
+        || batch.events.iter().any(|item| nested(&item.fields))
+}
+
 /// Checks item count, string lengths and map sizes of a parsed batch.
-pub fn check_batch(batch: &Batch, limits: &BatchLimits) -> Result<(), BatchError> {
+pub fn check_batch(batch: &Batch<'_>, limits: &BatchLimits) -> Result<(), BatchError> {
     for (field, items) in [
         ("impressions", batch.impressions.len()),
         ("events", batch.events.len()),
@@ -157,14 +217,14 @@ pub fn check_batch(batch: &Batch, limits: &BatchLimits) -> Result<(), BatchError
     check.text(context.client_type.as_deref(), || {
         "context.clientType".to_owned()
     })?;
-    check.map(&batch.args, "args")?;
+    check.map(&batch.args, || "args".to_owned())?;
 
     for (index, item) in batch.impressions.iter().enumerate() {
         let at = |field: &str| format!("impressions[{index}].{field}");
         check.text(Some(&item.impression_id), || at("impressionId"))?;
         check.text(Some(&item.feature), || at("feature"))?;
-        check.map(&item.args, &at("args"))?;
-        check.map(&item.outputs, &at("outputs"))?;
+        check.map(&item.args, || at("args"))?;
+        check.map(&item.outputs, || at("outputs"))?;
         if item.variants.len() > limits.max_map_keys {
             return Err(invalid(
                 at("variants"),
@@ -183,7 +243,7 @@ pub fn check_batch(batch: &Batch, limits: &BatchLimits) -> Result<(), BatchError
         check.text(Some(&item.name), || at("name"))?;
         check.text(item.impression_id.as_deref(), || at("impressionId"))?;
         check.text(item.feature.as_deref(), || at("feature"))?;
-        check.map(&item.fields, &at("fields"))?;
+        check.map(&item.fields, || at("fields"))?;
     }
     Ok(())
 }
@@ -207,10 +267,10 @@ impl Checker<'_> {
         }
     }
 
-    fn map(&self, map: &StringMap, field: &str) -> Result<(), BatchError> {
+    fn map(&self, map: &StringMap<'_>, field: impl Fn() -> String) -> Result<(), BatchError> {
         if map.0.len() > self.limits.max_map_keys {
             return Err(invalid(
-                field.to_owned(),
+                field(),
                 format!(
                     "{} keys, at most {} allowed",
                     map.0.len(),
@@ -221,7 +281,7 @@ impl Checker<'_> {
         for (key, value) in &map.0 {
             if key.len() > self.limits.max_string_bytes {
                 return Err(invalid(
-                    field.to_owned(),
+                    field(),
                     format!(
                         "a key is {} bytes long, at most {} allowed",
                         key.len(),
@@ -229,7 +289,7 @@ impl Checker<'_> {
                     ),
                 ));
             }
-            self.text(Some(value), || format!("{field}.{key}"))?;
+            self.text(Some(value), || format!("{}.{key}", field()))?;
         }
         Ok(())
     }
@@ -248,7 +308,7 @@ mod tests {
     use super::*;
     use crate::batch::DeviceIdSources;
 
-    fn parse(body: &str, limits: &BatchLimits) -> Result<Batch, BatchError> {
+    fn parse<'a>(body: &'a str, limits: &BatchLimits) -> Result<Batch<'a>, BatchError> {
         Batch::parse_with(body.as_bytes(), DeviceIdSources::default(), 0, limits)
     }
 
@@ -276,6 +336,18 @@ mod tests {
         };
         let body = r#"{"deviceId": "[[[[{{{{\"", "args": {"k": "]]]]"}}"#;
         assert!(parse(body, &limits).is_ok());
+    }
+
+    #[test]
+    fn depth_scan_ends_string_after_escaped_backslash() {
+        let limits = BatchLimits {
+            max_json_depth: 3,
+            ..BatchLimits::default()
+        };
+        // The string ends after `\\`, so the arrays that follow count.
+        let body = r#"{"deviceId": "d\\", "args": {"k": [[[1]]]}}"#;
+        let err = parse(body, &limits).unwrap_err();
+        assert_eq!(err.field, "args.k[0]");
     }
 
     #[test]

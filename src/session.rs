@@ -11,21 +11,26 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use uuid::Uuid;
 
-use crate::batch::{Batch, Context, Event, Impression, StringMap};
+use crate::batch::{Batch, Context, StringMap, Text, owned};
+use crate::items::{Events, Impressions, ItemIds};
 use crate::metrics::Metrics;
 
-/// Estimated bytes of one entry in a duplicate index (a `u32` and its control byte, with slack).
-const INDEX_ENTRY_BYTES: usize = 8;
+/// Bytes of one bucket in a duplicate index: an offset and its control byte.
+const INDEX_BUCKET_BYTES: usize = std::mem::size_of::<usize>() + 1;
+/// Items of one kind from which a session keeps a hash index of their ids. Below this a scan of
+/// the stored items is cheap, and most sessions never pay for an index.
+const INDEX_FROM_ITEMS: usize = 8;
 
 /// Reason a session was closed; the order matches the `CloseReason` enum of `proto/session.avsc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,10 +82,10 @@ pub struct ClosedSession {
     pub closed_at_ms: i64,
     pub close_reason: CloseReason,
     pub ip_address: Option<Box<str>>,
-    pub context: Context,
-    pub args: StringMap,
-    pub impressions: Vec<Impression>,
-    pub events: Vec<Event>,
+    pub context: Context<'static>,
+    pub args: StringMap<'static>,
+    pub impressions: Impressions,
+    pub events: Events,
 }
 
 /// Receives every session the store closes.
@@ -155,7 +160,7 @@ pub struct SessionStore {
     /// shard was emptied.
     closing: AtomicBool,
     limits: SessionLimits,
-    /// Hashes item ids for the per-session duplicate index.
+    /// Hashes item ids for the per-session duplicate index, with a seed of its own.
     id_hasher: RandomState,
     sink: Box<dyn SessionSink>,
     metrics: Arc<Metrics>,
@@ -173,17 +178,21 @@ struct Session {
     last_active_ms: i64,
     /// Accepted requests; 0 for a continuation that has not heard from the device yet.
     requests: u32,
-    /// Estimated heap bytes of the stored items and context.
+    /// Estimated heap bytes of the session, its own struct included.
     bytes: usize,
     ip_address: Option<Box<str>>,
-    context: Context,
-    args: StringMap,
-    impressions: Vec<Impression>,
-    events: Vec<Event>,
-    /// Positions in `impressions`, found by id, so ids are not stored twice.
-    impression_index: HashTable<u32>,
-    event_index: HashTable<u32>,
+    context: Context<'static>,
+    args: StringMap<'static>,
+    impressions: Impressions,
+    events: Events,
+    /// Stored items by id, so that a repeated id is dropped.
+    impression_index: IdIndex,
+    event_index: IdIndex,
 }
+
+/// An index of stored items by id: a scan while they are few, then a hash table of offsets.
+#[derive(Debug, Default)]
+struct IdIndex(HashTable<usize>);
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Deadline {
@@ -202,7 +211,7 @@ impl SessionStore {
             deadlines: Mutex::new(BinaryHeap::new()),
             closing: AtomicBool::new(false),
             limits,
-            id_hasher: RandomState::new(),
+            id_hasher: RandomState::default(),
             sink,
             metrics: Arc::new(Metrics::new()),
             resident_bytes: AtomicI64::new(0),
@@ -233,7 +242,7 @@ impl SessionStore {
 
     /// Records a validated batch into its device's session, opening or replacing the session
     /// as needed.
-    pub fn record(&self, batch: Batch, client: ClientInfo) -> Result<Recorded, RecordError> {
+    pub fn record(&self, batch: Batch<'_>, client: ClientInfo) -> Result<Recorded, RecordError> {
         let now_ms = batch.received_ms;
         let mut scheduled = None;
 
@@ -272,9 +281,8 @@ impl SessionStore {
             };
             let bytes_before = session.bytes;
             let recorded = session.apply(batch, client, &self.id_hasher);
-            let added = session.bytes.saturating_sub(bytes_before);
-            self.resident_bytes
-                .fetch_add(bytes_i64(added), Ordering::Relaxed);
+            let change = bytes_i64(session.bytes) - bytes_i64(bytes_before);
+            self.resident_bytes.fetch_add(change, Ordering::Relaxed);
             recorded
         };
         if recorded.0.opened {
@@ -418,10 +426,10 @@ impl Session {
             ip_address: None,
             context: Context::default(),
             args: StringMap::default(),
-            impressions: Vec::new(),
-            events: Vec::new(),
-            impression_index: HashTable::new(),
-            event_index: HashTable::new(),
+            impressions: Impressions::default(),
+            events: Events::default(),
+            impression_index: IdIndex::default(),
+            event_index: IdIndex::default(),
         }
     }
 
@@ -440,7 +448,7 @@ impl Session {
     /// Returns why this session must close before `batch` can be recorded, if it must.
     fn close_reason_before(
         &self,
-        batch: &Batch,
+        batch: &Batch<'_>,
         now_ms: i64,
         limits: &SessionLimits,
     ) -> Option<CloseReason> {
@@ -456,7 +464,7 @@ impl Session {
             return Some(CloseReason::MaxSize);
         }
         match &batch.session_key {
-            Some(key) if self.session_key.as_ref() != Some(key) => {
+            Some(key) if self.session_key.as_deref() != Some(&**key) => {
                 Some(CloseReason::SessionKeyChanged)
             }
             _ => None,
@@ -487,29 +495,28 @@ impl Session {
     /// Adds a batch; returns the result and the device id, moved out of the batch.
     fn apply(
         &mut self,
-        batch: Batch,
+        batch: Batch<'_>,
         client: ClientInfo,
         hasher: &RandomState,
     ) -> (Recorded, Box<str>) {
         let now_ms = batch.received_ms;
         if self.requests == 0 {
-            self.bytes += std::mem::size_of::<Session>();
             self.start_ms = now_ms;
-            self.session_key = batch.session_key;
+            self.session_key = batch.session_key.map(|key| key.into());
             self.ip_address = client.ip_address;
         }
         self.requests = self.requests.saturating_add(1);
         self.last_active_ms = self.last_active_ms.max(now_ms);
 
         let context = batch.context;
-        let user_agent = context.user_agent.or(client.user_agent);
+        let user_agent = context
+            .user_agent
+            .or_else(|| client.user_agent.map(|agent| Text::Owned(agent.into())));
         fill(&mut self.context.entry_url, context.entry_url);
         fill(&mut self.context.referrer, context.referrer);
         fill(&mut self.context.user_agent, user_agent);
         fill(&mut self.context.client_type, context.client_type);
-        self.bytes = self.bytes.saturating_sub(self.args.heap_bytes());
         merge(&mut self.args, batch.args);
-        self.bytes += self.args.heap_bytes();
 
         let mut recorded = Recorded {
             session_id: self.id,
@@ -519,61 +526,61 @@ impl Session {
             duplicate_impressions: 0,
             duplicate_events: 0,
         };
-        for impression in batch.impressions {
-            let impressions = &self.impressions;
-            let hash = hasher.hash_one(&*impression.impression_id);
-            let found = self.impression_index.find(hash, |&at| {
-                impressions[at as usize].impression_id == impression.impression_id
-            });
-            if found.is_some() {
+        self.impressions.reserve_for(&batch.impressions);
+        for impression in &batch.impressions {
+            let id = impression.impression_id.as_bytes();
+            if self
+                .impression_index
+                .find(&self.impressions, id, hasher)
+                .is_some()
+            {
                 recorded.duplicate_impressions += 1;
                 continue;
             }
-            let at = index_of(impressions.len());
-            self.impression_index.insert_unique(hash, at, |&at| {
-                hasher.hash_one(&*impressions[at as usize].impression_id)
-            });
-            self.bytes += impression.heap_bytes() + INDEX_ENTRY_BYTES;
-            self.impressions.push(impression);
+            let at = self.impressions.push(impression);
+            self.impression_index.added(&self.impressions, at, hasher);
             recorded.impressions += 1;
         }
 
-        for mut event in batch.events {
-            let events = &self.events;
-            let hash = hasher.hash_one(&*event.event_id);
-            if self
-                .event_index
-                .find(hash, |&at| events[at as usize].event_id == event.event_id)
-                .is_some()
-            {
+        self.events.reserve_for(&batch.events);
+        for event in &batch.events {
+            let id = event.event_id.as_bytes();
+            if self.event_index.find(&self.events, id, hasher).is_some() {
                 recorded.duplicate_events += 1;
                 continue;
             }
-            if event.feature.is_none() {
-                event.feature = self.feature_of(event.impression_id.as_deref(), hasher);
-            }
-            let events = &self.events;
-            let at = index_of(events.len());
-            self.event_index.insert_unique(hash, at, |&at| {
-                hasher.hash_one(&*events[at as usize].event_id)
-            });
-            self.bytes += event.heap_bytes() + INDEX_ENTRY_BYTES;
-            self.events.push(event);
+            let feature = match (&event.feature, event.impression_id.as_deref()) {
+                (None, Some(impression_id)) => self
+                    .impression_index
+                    .find(&self.impressions, impression_id.as_bytes(), hasher)
+                    .and_then(|at| self.impressions.feature_at(at)),
+                _ => None,
+            };
+            let at = self.events.push(event, feature);
+            self.event_index.added(&self.events, at, hasher);
             recorded.events += 1;
         }
 
+        self.bytes = self.heap_bytes();
         (recorded, batch.device_id)
     }
 
-    /// Returns the feature of the impression with `impression_id`, if this session has it.
-    fn feature_of(&self, impression_id: Option<&str>, hasher: &RandomState) -> Option<Box<str>> {
-        let impression_id = impression_id?;
-        let at = self
-            .impression_index
-            .find(hasher.hash_one(impression_id), |&at| {
-                &*self.impressions[at as usize].impression_id == impression_id
-            })?;
-        Some(self.impressions[*at as usize].feature.clone())
+    /// Returns the estimated heap bytes of this session, its own struct included.
+    fn heap_bytes(&self) -> usize {
+        let text = |text: Option<&str>| text.map_or(0, str::len);
+        let context = &self.context;
+        std::mem::size_of::<Session>()
+            + text(self.session_key.as_deref())
+            + text(self.ip_address.as_deref())
+            + text(context.entry_url.as_deref())
+            + text(context.referrer.as_deref())
+            + text(context.user_agent.as_deref())
+            + text(context.client_type.as_deref())
+            + self.args.heap_bytes()
+            + self.impressions.heap_bytes()
+            + self.events.heap_bytes()
+            + (self.impression_index.0.capacity() + self.event_index.0.capacity())
+                * INDEX_BUCKET_BYTES
     }
 
     /// Turns this session into its record; `None` for a continuation that never heard from the
@@ -605,30 +612,52 @@ impl Session {
     }
 }
 
+// === impl IdIndex ===
+
+impl IdIndex {
+    /// Returns the offset of the item with `id` in `items`, if there is one.
+    fn find(&self, items: &impl ItemIds, id: &[u8], hasher: &RandomState) -> Option<usize> {
+        if self.0.is_empty() {
+            // No table yet: the items are fewer than `INDEX_FROM_ITEMS`.
+            return items.offsets().find(|&at| items.id_at(at) == Some(id));
+        }
+        self.0
+            .find(hasher.hash_one(id), |&at| items.id_at(at) == Some(id))
+            .copied()
+    }
+
+    /// Notes the item just added at `offset`, building the table once the items are many.
+    fn added(&mut self, items: &impl ItemIds, offset: usize, hasher: &RandomState) {
+        let hash_at = |at: &usize| hasher.hash_one(items.id_at(*at).unwrap_or_default());
+        if !self.0.is_empty() {
+            self.0.insert_unique(hash_at(&offset), offset, hash_at);
+        } else if items.len() >= INDEX_FROM_ITEMS {
+            for at in items.offsets() {
+                self.0.insert_unique(hash_at(&at), at, hash_at);
+            }
+        }
+    }
+}
+
 /// Sets `slot` to `value` unless it already has one: the first request's context wins.
-fn fill(slot: &mut Option<Box<str>>, value: Option<Box<str>>) {
+fn fill(slot: &mut Option<Text<'static>>, value: Option<Text<'_>>) {
     if slot.is_none() {
-        *slot = value;
+        *slot = value.map(owned);
     }
 }
 
 /// Merges `update` into `args`, later values replacing earlier ones; both are sorted by key.
-fn merge(args: &mut StringMap, update: StringMap) {
+fn merge(args: &mut StringMap<'static>, update: StringMap<'_>) {
     for (key, value) in update.0 {
         match args.0.binary_search_by(|(existing, _)| existing.cmp(&key)) {
-            Ok(at) => args.0[at].1 = value,
-            Err(at) => args.0.insert(at, (key, value)),
+            Ok(at) => args.0[at].1 = owned(value),
+            Err(at) => args.0.insert(at, (owned(key), owned(value))),
         }
     }
 }
 
 fn bytes_i64(bytes: usize) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
-}
-
-fn index_of(len: usize) -> u32 {
-    // A session cannot hold 4 billion items: the body limit and max duration bound it far lower.
-    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -653,7 +682,7 @@ mod tests {
         (SessionStore::new(limits, Box::new(closed.clone())), closed)
     }
 
-    fn batch(json: &str, received_ms: i64) -> Batch {
+    fn batch(json: &str, received_ms: i64) -> Batch<'_> {
         Batch::parse(json.as_bytes(), DeviceIdSources::default(), received_ms).unwrap()
     }
 
@@ -692,9 +721,57 @@ mod tests {
         let ids: Vec<&str> = closed[0]
             .impressions
             .iter()
-            .map(|i| &*i.impression_id)
+            .map(|i| i.unwrap().impression_id)
             .collect();
         assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn duplicates_found_by_scan_and_index() {
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let limits = SessionLimits {
+            timeout: Duration::from_secs(30 * 60),
+            max_duration: Duration::from_secs(24 * 3600),
+            max_items: 100,
+        };
+        let store = SessionStore::new(limits, Box::new(closed.clone()));
+        let ids = |range: std::ops::Range<usize>| -> Vec<String> {
+            range.map(|n| format!("i-{n}")).collect()
+        };
+        let send = |ids: &[String]| {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            store
+                .record(batch(&impressions("d", &ids), T0), ClientInfo::default())
+                .unwrap()
+        };
+
+        // Below the index threshold, duplicates are found by a scan.
+        let first = send(&ids(0..5));
+        assert_eq!((first.impressions, first.duplicates()), (5, 0));
+        // This batch crosses the threshold and builds the index part way.
+        let second = send(&ids(3..12));
+        assert_eq!((second.impressions, second.duplicates()), (7, 2));
+        let mut third_ids = ids(11..14);
+        third_ids.push("i-0".to_owned());
+        let third = send(&third_ids);
+        assert_eq!((third.impressions, third.duplicates()), (2, 2));
+
+        let event = r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "impressionId": "i-9"}]}"#;
+        store
+            .record(batch(event, T0), ClientInfo::default())
+            .unwrap();
+
+        store.close_all(CloseReason::Shutdown, T0);
+        let closed = closed.lock().unwrap();
+        let stored: Vec<&str> = closed[0]
+            .impressions
+            .iter()
+            .map(|i| i.unwrap().impression_id)
+            .collect();
+        let expected = ids(0..14);
+        assert_eq!(stored, expected);
+        let feature = closed[0].events.iter().next().unwrap().unwrap().feature;
+        assert_eq!(feature, Some("f-i-9"));
     }
 
     #[test]
@@ -711,8 +788,12 @@ mod tests {
 
         store.close_all(CloseReason::Shutdown, T0);
         let closed = closed.lock().unwrap();
-        assert_eq!(closed[0].events[0].feature.as_deref(), Some("Box"));
-        assert_eq!(closed[0].events[1].feature, None);
+        let features: Vec<Option<&str>> = closed[0]
+            .events
+            .iter()
+            .map(|event| event.unwrap().feature)
+            .collect();
+        assert_eq!(features, [Some("Box"), None]);
     }
 
     #[test]

@@ -476,6 +476,7 @@ mod tests {
     use super::*;
     use crate::batch::{Context, Impression, StringMap};
     use crate::clock::parse_rfc3339_ms;
+    use crate::items::Events;
     use crate::session::CloseReason;
 
     fn settings(staging_dir: &std::path::Path) -> WriterSettings {
@@ -513,7 +514,7 @@ mod tests {
                     variants: Vec::new(),
                 })
                 .collect(),
-            events: Vec::new(),
+            events: Events::default(),
         }
     }
 

@@ -1,0 +1,526 @@
+//! A parser for the common shape of a batch, tried before serde.
+//!
+//! It reads the body in one pass with no generic visitor machinery, borrowing every string.
+//! It returns `None` at anything it does not handle:
+//!
+//! - an escape or a control character in a string;
+//! - an object or array as a map value;
+//! - an unknown, repeated or missing field, or a value of the wrong type;
+//! - a time that the timestamp rules reject.
+//!
+//! The caller then parses the body with serde, which either accepts it or names the field that
+//! is wrong. A body that this parser accepts gives the same [`BatchBody`] that serde gives. The
+//! tests below compare the two on bodies built from templates.
+
+use std::borrow::Cow;
+
+use serde::de::Visitor;
+
+use super::{
+    BatchBody, BodyText, ContextBody, EventBody, ImpressionBody, StringMap, Text, Timestamp,
+    TimestampVisitor, ValueText, ValueTextVisitor, dedup_keys,
+};
+
+/// Parses `text` as a batch; `None` where serde must decide.
+pub(super) fn parse(text: &str) -> Option<BatchBody<'_>> {
+    let mut parser = Parser {
+        bytes: text.as_bytes(),
+        text,
+        at: 0,
+    };
+    let body = parser.batch()?;
+    parser.skip_whitespace();
+    (parser.at == parser.bytes.len()).then_some(body)
+}
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    text: &'a str,
+    at: usize,
+}
+
+/// Sets `slot` once; a field that comes twice makes the parser give up, as serde rejects it.
+fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value);
+    Some(())
+}
+
+impl<'a> Parser<'a> {
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    /// Returns the next byte that is not whitespace, without taking it.
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_whitespace();
+        self.bytes.get(self.at).copied()
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    fn eat_word(&mut self, word: &str) -> bool {
+        self.skip_whitespace();
+        let found = self.bytes[self.at..].starts_with(word.as_bytes());
+        if found {
+            self.at += word.len();
+        }
+        found
+    }
+
+    /// Takes `null` if it comes next.
+    fn null(&mut self) -> bool {
+        self.eat_word("null")
+    }
+
+    /// Reads a string with no escapes and no control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.at;
+        loop {
+            match *self.bytes.get(self.at)? {
+                b'"' => break,
+                b'\\' | 0x00..=0x1f => return None,
+                _ => self.at += 1,
+            }
+        }
+        let end = self.at;
+        self.at += 1;
+        // The body is valid UTF-8 and the quotes are ASCII, so these are character boundaries.
+        self.text.get(start..end)
+    }
+
+    fn text(&mut self) -> Option<BodyText<'a>> {
+        self.string().map(|text| BodyText(Cow::Borrowed(text)))
+    }
+
+    fn optional_text(&mut self) -> Option<Option<BodyText<'a>>> {
+        if self.null() {
+            return Some(None);
+        }
+        self.text().map(Some)
+    }
+
+    /// Reads a number with the JSON grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+    /// Returns its text and whether it is an integer.
+    fn number(&mut self) -> Option<(&'a str, bool)> {
+        self.skip_whitespace();
+        let start = self.at;
+        let digits = |parser: &mut Self| {
+            let from = parser.at;
+            while parser.bytes.get(parser.at).is_some_and(u8::is_ascii_digit) {
+                parser.at += 1;
+            }
+            parser.at > from
+        };
+        if self.bytes.get(self.at) == Some(&b'-') {
+            self.at += 1;
+        }
+        match self.bytes.get(self.at)? {
+            b'0' => self.at += 1,
+            b'1'..=b'9' => {
+                digits(self);
+            }
+            _ => return None,
+        }
+        let mut integer = true;
+        if self.bytes.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            integer = false;
+            if !digits(self) {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+            self.at += 1;
+            integer = false;
+            if let Some(b'+' | b'-') = self.bytes.get(self.at) {
+                self.at += 1;
+            }
+            if !digits(self) {
+                return None;
+            }
+        }
+        Some((self.text.get(start..self.at)?, integer))
+    }
+
+    /// Hands a number to `visitor` the way serde_json does: an integer that fits as `u64` or
+    /// `i64`, anything else as the `f64` serde_json itself reads from the text.
+    fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
+        let (text, integer) = self.number()?;
+        // serde_json reads `-0` as the float -0.0; leave that to it.
+        if text == "-0" {
+            return None;
+        }
+        let visited: Result<V::Value, serde_json::Error> = if integer {
+            if let Ok(value) = text.parse::<u64>() {
+                visitor.visit_u64(value)
+            } else if let Ok(value) = text.parse::<i64>() {
+                visitor.visit_i64(value)
+            } else {
+                return None;
+            }
+        } else {
+            visitor.visit_f64(serde_json::from_str::<f64>(text).ok()?)
+        };
+        visited.ok()
+    }
+
+    fn timestamp(&mut self) -> Option<Option<Timestamp>> {
+        if self.null() {
+            return Some(None);
+        }
+        let visited: Result<Timestamp, serde_json::Error> = if self.peek()? == b'"' {
+            TimestampVisitor.visit_str(self.string()?)
+        } else {
+            return self.visit_number(TimestampVisitor).map(Some);
+        };
+        visited.ok().map(Some)
+    }
+
+    /// Calls `field` for each key of an object, with the parser at the key's value.
+    fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.eat(b':')?;
+            field(self, key)?;
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads an array, or `null` as `None`, with `element` reading each element.
+    fn array<T>(
+        &mut self,
+        mut element: impl FnMut(&mut Self) -> Option<T>,
+    ) -> Option<Option<Vec<T>>> {
+        if self.null() {
+            return Some(None);
+        }
+        self.eat(b'[')?;
+        let mut elements = Vec::new();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(Some(elements));
+        }
+        loop {
+            elements.push(element(self)?);
+            match self.peek()? {
+                b',' => self.at += 1,
+                b']' => {
+                    self.at += 1;
+                    return Some(Some(elements));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads a map of scalar values, or `null` as `None`.
+    fn string_map(&mut self) -> Option<Option<StringMap<'a>>> {
+        if self.null() {
+            return Some(None);
+        }
+        let mut entries: Vec<(Text<'a>, Text<'a>)> = Vec::new();
+        self.object(|parser, key| {
+            let value = parser.map_value()?;
+            entries.push((Cow::Borrowed(key), value));
+            Some(())
+        })?;
+        Some(Some(dedup_keys(entries)))
+    }
+
+    fn map_value(&mut self) -> Option<Text<'a>> {
+        let text = match self.peek()? {
+            b'"' => Cow::Borrowed(self.string()?),
+            b't' if self.eat_word("true") => Cow::Borrowed("true"),
+            b'f' if self.eat_word("false") => Cow::Borrowed("false"),
+            b'n' if self.null() => Cow::Borrowed("null"),
+            b'-' | b'0'..=b'9' => {
+                let ValueText(text) = self.visit_number(ValueTextVisitor)?;
+                text
+            }
+            _ => return None,
+        };
+        Some(text)
+    }
+
+    fn context(&mut self) -> Option<Option<ContextBody<'a>>> {
+        if self.null() {
+            return Some(None);
+        }
+        let mut context = ContextBody {
+            entry_url: None,
+            referrer: None,
+            user_agent: None,
+            client_type: None,
+        };
+        let mut seen = [false; 4];
+        self.object(|parser, key| {
+            let (slot, at) = match key {
+                "entryUrl" => (&mut context.entry_url, 0),
+                "referrer" => (&mut context.referrer, 1),
+                "userAgent" => (&mut context.user_agent, 2),
+                "clientType" => (&mut context.client_type, 3),
+                _ => return None,
+            };
+            if std::mem::replace(&mut seen[at], true) {
+                return None;
+            }
+            *slot = parser.optional_text()?;
+            Some(())
+        })?;
+        Some(Some(context))
+    }
+
+    fn impression(&mut self) -> Option<ImpressionBody<'a>> {
+        let mut impression_id = None;
+        let mut feature = None;
+        let mut time = None;
+        let mut args = None;
+        let mut outputs = None;
+        let mut variants = None;
+        self.object(|parser, key| match key {
+            "impressionId" => set(&mut impression_id, parser.text()?),
+            "feature" => set(&mut feature, parser.text()?),
+            "time" => set(&mut time, parser.timestamp()?),
+            "args" => set(&mut args, parser.string_map()?),
+            "outputs" => set(&mut outputs, parser.string_map()?),
+            "variants" => set(&mut variants, parser.array(Self::text)?),
+            _ => None,
+        })?;
+        Some(ImpressionBody {
+            impression_id: impression_id?,
+            feature: feature?,
+            time: time.flatten(),
+            args: args.flatten(),
+            outputs: outputs.flatten(),
+            variants: variants.flatten(),
+        })
+    }
+
+    fn event(&mut self) -> Option<EventBody<'a>> {
+        let mut event_id = None;
+        let mut name = None;
+        let mut time = None;
+        let mut impression_id = None;
+        let mut feature = None;
+        let mut fields = None;
+        self.object(|parser, key| match key {
+            "eventId" => set(&mut event_id, parser.text()?),
+            "name" => set(&mut name, parser.text()?),
+            "time" => set(&mut time, parser.timestamp()?),
+            "impressionId" => set(&mut impression_id, parser.optional_text()?),
+            "feature" => set(&mut feature, parser.optional_text()?),
+            "fields" => set(&mut fields, parser.string_map()?),
+            _ => None,
+        })?;
+        Some(EventBody {
+            event_id: event_id?,
+            name: name?,
+            time: time.flatten(),
+            impression_id: impression_id.flatten(),
+            feature: feature.flatten(),
+            fields: fields.flatten(),
+        })
+    }
+
+    fn batch(&mut self) -> Option<BatchBody<'a>> {
+        let mut device_id = None;
+        let mut session_key = None;
+        let mut sent_at = None;
+        let mut context = None;
+        let mut args = None;
+        let mut impressions = None;
+        let mut events = None;
+        self.object(|parser, key| match key {
+            "deviceId" => set(&mut device_id, parser.optional_text()?),
+            "sessionKey" => set(&mut session_key, parser.optional_text()?),
+            "sentAt" => set(&mut sent_at, parser.timestamp()?),
+            "context" => set(&mut context, parser.context()?),
+            "args" => set(&mut args, parser.string_map()?),
+            "impressions" => set(&mut impressions, parser.array(Self::impression)?),
+            "events" => set(&mut events, parser.array(Self::event)?),
+            _ => None,
+        })?;
+        Some(BatchBody {
+            device_id: device_id.flatten(),
+            session_key: session_key.flatten(),
+            sent_at: sent_at.flatten(),
+            context: context.flatten(),
+            args: args.flatten(),
+            impressions: impressions.flatten(),
+            events: events.flatten(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch in which `@` is replaced by each test value in turn.
+    const TEMPLATES: &[&str] = &[
+        r#"{"deviceId": @, "impressions": [{"impressionId": "i", "feature": "f"}]}"#,
+        r#"{"deviceId": "d", "sessionKey": @}"#,
+        r#"{"deviceId": "d", "sentAt": @}"#,
+        r#"{"deviceId": "d", "context": @}"#,
+        r#"{"deviceId": "d", "context": {"entryUrl": @, "clientType": "web"}}"#,
+        r#"{"deviceId": "d", "args": @}"#,
+        r#"{"deviceId": "d", "args": {"k": @, "a": "1"}}"#,
+        r#"{"deviceId": "d", "impressions": @}"#,
+        r#"{"deviceId": "d", "impressions": [@]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": @, "feature": "f"}]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": @}]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "f", "time": @}]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "f", "args": @}]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "f", "outputs": {"k": @}}]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "f", "variants": @}]}"#,
+        r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "f", "variants": ["a", @]}]}"#,
+        r#"{"deviceId": "d", "events": [{"eventId": @, "name": "n"}]}"#,
+        r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "time": @}]}"#,
+        r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "impressionId": @}]}"#,
+        r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "feature": @}]}"#,
+        r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "fields": {"k": @}}]}"#,
+        r#"{"deviceId": "d", "events": @}"#,
+        r#"@"#,
+        r#"{"deviceId": "d"} @"#,
+    ];
+
+    /// JSON values and near-JSON text of every kind, valid and not.
+    const VALUES: &[&str] = &[
+        r#""a""#,
+        r#""""#,
+        r#""é ☃""#,
+        r#""a\"b""#,
+        r#""\u00e9""#,
+        "\"tab\there\"",
+        r#""2024-12-04T11:00:04Z""#,
+        r#""2024-12-04T11:00:04.123+01:00""#,
+        r#""not a time""#,
+        "0",
+        "-0",
+        "7",
+        "-7",
+        "1733310000000",
+        "1733310000000.9",
+        "253402300799999",
+        "253402300800000",
+        "0.42",
+        "1e2",
+        "1.5E-3",
+        "-1.25",
+        "-0.0",
+        "18446744073709551615",
+        "18446744073709551616",
+        "9223372036854775808",
+        "-9223372036854775808",
+        "-9223372036854775809",
+        "01",
+        "1.",
+        ".5",
+        "1e",
+        "1e400",
+        "+1",
+        "true",
+        "false",
+        "null",
+        "tru",
+        "nul",
+        "{}",
+        "[]",
+        r#"{"k": "v"}"#,
+        r#"{"k": 1, "k": 2}"#,
+        r#"{"b": "2", "a": "1"}"#,
+        r#"{"k": {"a": 1}}"#,
+        r#"{"k": [1]}"#,
+        r#"["a", "b"]"#,
+        "[1]",
+        "[null]",
+        r#"{"impressionId": "i", "feature": "f"}"#,
+        r#"{"impressionId": "i", "feature": "f", "feature": "g"}"#,
+        r#"{"impressionId": "i", "feature": "f", "extra": 1}"#,
+        r#"{"impressionId": "i"}"#,
+        r#"{"eventId": "e", "name": "n"}"#,
+        r#"{"entryUrl": "u", "entryUrl": "v"}"#,
+        r#"{"entryUrl": null, "referrer": "r"}"#,
+        r#"{"impressionId": "i", "feature": "f"} "#,
+        "",
+        " ",
+        "x",
+        ",",
+        "}",
+    ];
+
+    fn serde(text: &str) -> Option<BatchBody<'_>> {
+        serde_json::from_str(text).ok()
+    }
+
+    #[test]
+    fn matches_serde_on_every_template() {
+        let mut fast_count = 0;
+        for template in TEMPLATES {
+            for value in VALUES {
+                let body = template.replace('@', value);
+                let fast = parse(&body);
+                if fast.is_some() {
+                    fast_count += 1;
+                    assert_eq!(fast, serde(&body), "{body}");
+                }
+            }
+        }
+        // Most values of the right type take the fast path.
+        assert!(
+            fast_count > 150,
+            "only {fast_count} bodies took the fast path"
+        );
+    }
+
+    #[test]
+    fn repeated_and_unknown_fields_are_left_to_serde() {
+        for body in [
+            r#"{"deviceId": "d", "deviceId": "e"}"#,
+            r#"{"deviceId": null, "deviceId": "e"}"#,
+            r#"{"deviceId": "d", "extra": 1}"#,
+            r#"{"deviceId": "d", "context": {"pageUrl": "u"}}"#,
+            r#"{"deviceId": "d", "events": [{"eventId": "e", "name": "n", "name": "m"}]}"#,
+        ] {
+            assert_eq!(parse(body), None, "{body}");
+            assert_eq!(serde(body), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn typical_batches_take_the_fast_path() {
+        let pretty = "{\n  \"deviceId\": \"d-1\",\n  \"sessionKey\": \"tab-1\",\n  \
+                      \"sentAt\": 1733310002000,\n  \"context\": {\"userAgent\": \"k6\"},\n  \
+                      \"impressions\": [\n    {\"impressionId\": \"i-1\", \"feature\": \"Box\",\n     \
+                      \"time\": 1733310000000, \"args\": {\"position\": 3, \"score\": 0.42},\n     \
+                      \"outputs\": {\"cta\": \"Rate it\"}, \"variants\": [\"cta:B\"]}\n  ],\n  \
+                      \"events\": [{\"eventId\": \"e-1\", \"name\": \"Click\", \
+                      \"impressionId\": \"i-1\", \"fields\": {\"stars\": 4}}]\n}\n";
+        let compact = r#"{"deviceId":"d-2","args":{"userId":"u-1","plan":"pro"},"impressions":[],"events":[]}"#;
+        for body in [pretty, compact] {
+            let fast = parse(body);
+            assert!(fast.is_some(), "{body}");
+            assert_eq!(fast, serde(body));
+        }
+    }
+}

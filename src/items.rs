@@ -1,0 +1,717 @@
+//! The impressions and events of a session, held as their Avro binary encoding.
+//!
+//! A session keeps its impressions in one byte buffer and its events in another. Each item is
+//! stored as the bytes it has inside the `impressions` or `events` array of the session record
+//! in `proto/session.avsc`. One buffer per array costs one allocation instead of one per string,
+//! and the memory a session holds stays close to its encoded size. The writer reads the items
+//! back as borrowed strings and writes them through the schema-aware serializer, so the schema
+//! still checks every record.
+//!
+//! An item is added only after its batch passed validation, and the bytes are read only by this
+//! module, so a decoding error means a defect here. It is reported as an error, never a panic.
+
+use serde::Serialize;
+use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct, Serializer};
+
+use crate::batch::{Event, Impression, StringMap, Text};
+
+/// The impressions of one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Impressions(ItemBuffer);
+
+/// The events of one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Events(ItemBuffer);
+
+/// Stored items found by id: the id is the first field of both records.
+pub trait ItemIds {
+    /// Returns the number of items.
+    fn len(&self) -> usize;
+
+    /// Returns whether there are no items.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Returns the id of the item at `offset`, as raw bytes.
+    fn id_at(&self, offset: usize) -> Option<&[u8]>;
+
+    /// Returns the offset of every item, in the order added.
+    fn offsets(&self) -> impl Iterator<Item = usize>;
+}
+
+/// Encoded items, back to back, and how many there are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ItemBuffer {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+/// Stored bytes that do not decode as the items written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stored session items are corrupt at byte {at}")]
+pub struct CorruptItems {
+    at: usize,
+}
+
+/// One stored impression, its strings borrowed from the buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ImpressionView<'a> {
+    pub impression_id: &'a str,
+    pub feature: &'a str,
+    pub time_ms: i64,
+    pub client_time_ms: Option<i64>,
+    pub args: MapView<'a>,
+    pub outputs: MapView<'a>,
+    pub variants: ListView<'a>,
+}
+
+/// One stored event, its strings borrowed from the buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub event_id: &'a str,
+    pub name: &'a str,
+    pub time_ms: i64,
+    pub client_time_ms: Option<i64>,
+    pub impression_id: Option<&'a str>,
+    pub feature: Option<&'a str>,
+    pub fields: MapView<'a>,
+}
+
+/// A stored map of strings: its entry count and the bytes of its entries.
+#[derive(Debug, Clone, Copy)]
+pub struct MapView<'a> {
+    len: usize,
+    entries: &'a [u8],
+}
+
+/// A stored array of strings: its length and the bytes of its elements.
+#[derive(Debug, Clone, Copy)]
+pub struct ListView<'a> {
+    len: usize,
+    elements: &'a [u8],
+}
+
+// === impl Impressions ===
+
+impl ItemIds for Impressions {
+    fn len(&self) -> usize {
+        self.0.len
+    }
+
+    fn id_at(&self, offset: usize) -> Option<&[u8]> {
+        self.0.id_at(offset)
+    }
+
+    fn offsets(&self) -> impl Iterator<Item = usize> {
+        self.0.offsets(Reader::impression)
+    }
+}
+
+impl Impressions {
+    /// Returns the number of impressions.
+    pub fn len(&self) -> usize {
+        self.0.len
+    }
+
+    /// Returns whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+
+    /// Returns the bytes allocated for the impressions.
+    pub fn heap_bytes(&self) -> usize {
+        self.0.bytes.capacity()
+    }
+
+    /// Reserves room for `items`, so a session's first batch allocates exactly once.
+    pub fn reserve_for(&mut self, items: &[Impression<'_>]) {
+        let mut counter = Counter(0);
+        for item in items {
+            put_impression(&mut counter, item);
+        }
+        self.0.bytes.reserve(counter.0);
+    }
+
+    /// Appends `item`; returns its offset, which [`ItemIds::id_at`] takes.
+    pub fn push(&mut self, item: &Impression<'_>) -> usize {
+        let at = self.0.bytes.len();
+        put_impression(&mut self.0.bytes, item);
+        self.0.len += 1;
+        at
+    }
+
+    /// Returns the feature of the impression at `offset`.
+    pub fn feature_at(&self, offset: usize) -> Option<&str> {
+        let mut reader = Reader::at(&self.0.bytes, offset);
+        reader.bytes().ok()?;
+        reader.text().ok()
+    }
+
+    /// Returns every impression in the order added.
+    pub fn iter(&self) -> impl Iterator<Item = Result<ImpressionView<'_>, CorruptItems>> {
+        self.0.iter(Reader::impression)
+    }
+}
+
+impl<'a> FromIterator<Impression<'a>> for Impressions {
+    fn from_iter<I: IntoIterator<Item = Impression<'a>>>(items: I) -> Self {
+        let mut impressions = Self::default();
+        for item in items {
+            impressions.push(&item);
+        }
+        impressions
+    }
+}
+
+// === impl Events ===
+
+impl ItemIds for Events {
+    fn len(&self) -> usize {
+        self.0.len
+    }
+
+    fn id_at(&self, offset: usize) -> Option<&[u8]> {
+        self.0.id_at(offset)
+    }
+
+    fn offsets(&self) -> impl Iterator<Item = usize> {
+        self.0.offsets(Reader::event)
+    }
+}
+
+impl Events {
+    /// Returns the number of events.
+    pub fn len(&self) -> usize {
+        self.0.len
+    }
+
+    /// Returns whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+
+    /// Returns the bytes allocated for the events.
+    pub fn heap_bytes(&self) -> usize {
+        self.0.bytes.capacity()
+    }
+
+    /// Reserves room for `items`, so a session's first batch allocates exactly once.
+    pub fn reserve_for(&mut self, items: &[Event<'_>]) {
+        let mut counter = Counter(0);
+        for item in items {
+            put_event(&mut counter, item, None);
+        }
+        self.0.bytes.reserve(counter.0);
+    }
+
+    /// Appends `item`, with `feature` where the event names none; returns its offset.
+    pub fn push(&mut self, item: &Event<'_>, feature: Option<&str>) -> usize {
+        let at = self.0.bytes.len();
+        put_event(&mut self.0.bytes, item, feature);
+        self.0.len += 1;
+        at
+    }
+
+    /// Returns every event in the order added.
+    pub fn iter(&self) -> impl Iterator<Item = Result<EventView<'_>, CorruptItems>> {
+        self.0.iter(Reader::event)
+    }
+}
+
+impl<'a> FromIterator<Event<'a>> for Events {
+    fn from_iter<I: IntoIterator<Item = Event<'a>>>(items: I) -> Self {
+        let mut events = Self::default();
+        for item in items {
+            events.push(&item, None);
+        }
+        events
+    }
+}
+
+// === impl ItemBuffer ===
+
+impl ItemBuffer {
+    fn id_at(&self, offset: usize) -> Option<&[u8]> {
+        Reader::at(&self.bytes, offset).bytes().ok()
+    }
+
+    /// Returns the offset of each item, read with `read`; stops at the first that fails.
+    fn offsets<'a, T: 'a>(
+        &'a self,
+        read: fn(&mut Reader<'a>) -> Result<T, CorruptItems>,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let mut reader = Reader::at(&self.bytes, 0);
+        (0..self.len).map_while(move |_| {
+            let at = reader.at;
+            read(&mut reader).ok().map(|_| at)
+        })
+    }
+
+    /// Decodes the items one by one with `read`; stops after the first error.
+    fn iter<'a, T: 'a>(
+        &'a self,
+        read: fn(&mut Reader<'a>) -> Result<T, CorruptItems>,
+    ) -> impl Iterator<Item = Result<T, CorruptItems>> + 'a {
+        let mut reader = Reader::at(&self.bytes, 0);
+        let mut failed = false;
+        (0..self.len).map_while(move |_| {
+            if failed {
+                return None;
+            }
+            let item = read(&mut reader);
+            failed = item.is_err();
+            Some(item)
+        })
+    }
+}
+
+// === impl MapView and ListView ===
+
+impl<'a> MapView<'a> {
+    /// Returns the number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Returns whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Returns the entries in stored order, which is sorted by key.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(&'a str, &'a str), CorruptItems>> + 'a {
+        let mut reader = Reader::at(self.entries, 0);
+        (0..self.len).map(move |_| Ok((reader.text()?, reader.text()?)))
+    }
+}
+
+impl<'a> ListView<'a> {
+    /// Returns the number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Returns whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Returns the elements in order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<&'a str, CorruptItems>> + 'a {
+        let mut reader = Reader::at(self.elements, 0);
+        (0..self.len).map(move |_| reader.text())
+    }
+}
+
+// === Encoding ===
+
+/// A destination for encoded bytes: a buffer, or a counter that only adds up their length.
+trait Output {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Output for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+struct Counter(usize);
+
+impl Output for Counter {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+}
+
+/// Writes an Avro `long`: zig-zag, then 7 bits a byte, low bits first.
+fn put_long(out: &mut impl Output, value: i64) {
+    let mut rest = ((value << 1) ^ (value >> 63)) as u64;
+    let mut encoded = [0u8; 10];
+    let mut len = 0;
+    loop {
+        let low = (rest & 0x7f) as u8;
+        rest >>= 7;
+        if rest == 0 {
+            encoded[len] = low;
+            len += 1;
+            break;
+        }
+        encoded[len] = low | 0x80;
+        len += 1;
+    }
+    out.put(&encoded[..len]);
+}
+
+fn put_len(out: &mut impl Output, len: usize) {
+    put_long(out, i64::try_from(len).unwrap_or(i64::MAX));
+}
+
+fn put_text(out: &mut impl Output, text: &str) {
+    put_len(out, text.len());
+    out.put(text.as_bytes());
+}
+
+/// Writes a `["null", "long"]` union.
+fn put_optional_long(out: &mut impl Output, value: Option<i64>) {
+    match value {
+        None => put_long(out, 0),
+        Some(value) => {
+            put_long(out, 1);
+            put_long(out, value);
+        }
+    }
+}
+
+/// Writes a `["null", "string"]` union.
+fn put_optional_text(out: &mut impl Output, text: Option<&str>) {
+    match text {
+        None => put_long(out, 0),
+        Some(text) => {
+            put_long(out, 1);
+            put_text(out, text);
+        }
+    }
+}
+
+/// Writes a map of strings as one block followed by the empty block that ends it.
+fn put_map(out: &mut impl Output, map: &StringMap<'_>) {
+    if !map.0.is_empty() {
+        put_len(out, map.0.len());
+        for (key, value) in &map.0 {
+            put_text(out, key);
+            put_text(out, value);
+        }
+    }
+    put_long(out, 0);
+}
+
+/// Writes an array of strings as one block followed by the empty block that ends it.
+fn put_list(out: &mut impl Output, list: &[Text<'_>]) {
+    if !list.is_empty() {
+        put_len(out, list.len());
+        for text in list {
+            put_text(out, text);
+        }
+    }
+    put_long(out, 0);
+}
+
+/// Writes an `Impression` record; the id comes first, as [`ItemIds::id_at`] expects.
+fn put_impression(out: &mut impl Output, item: &Impression<'_>) {
+    put_text(out, &item.impression_id);
+    put_text(out, &item.feature);
+    put_long(out, item.time_ms);
+    put_optional_long(out, item.client_time_ms);
+    put_map(out, &item.args);
+    put_map(out, &item.outputs);
+    put_list(out, &item.variants);
+}
+
+/// Writes an `Event` record; the id comes first, as [`ItemIds::id_at`] expects.
+fn put_event(out: &mut impl Output, item: &Event<'_>, feature: Option<&str>) {
+    put_text(out, &item.event_id);
+    put_text(out, &item.name);
+    put_long(out, item.time_ms);
+    put_optional_long(out, item.client_time_ms);
+    put_optional_text(out, item.impression_id.as_deref());
+    put_optional_text(out, item.feature.as_deref().or(feature));
+    put_map(out, &item.fields);
+}
+
+// === Decoding ===
+
+/// A cursor over bytes that the functions above wrote.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn at(bytes: &'a [u8], at: usize) -> Self {
+        Self { bytes, at }
+    }
+
+    fn corrupt(&self) -> CorruptItems {
+        CorruptItems { at: self.at }
+    }
+
+    fn long(&mut self) -> Result<i64, CorruptItems> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = *self.bytes.get(self.at).ok_or_else(|| self.corrupt())?;
+            self.at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        Err(self.corrupt())
+    }
+
+    fn len(&mut self) -> Result<usize, CorruptItems> {
+        let value = self.long()?;
+        usize::try_from(value).map_err(|_| self.corrupt())
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], CorruptItems> {
+        let len = self.len()?;
+        let end = self.at.checked_add(len).ok_or_else(|| self.corrupt())?;
+        let bytes = self.bytes.get(self.at..end).ok_or_else(|| self.corrupt())?;
+        self.at = end;
+        Ok(bytes)
+    }
+
+    fn text(&mut self) -> Result<&'a str, CorruptItems> {
+        let at = self.at;
+        let bytes = self.bytes()?;
+        std::str::from_utf8(bytes).map_err(|_| CorruptItems { at })
+    }
+
+    fn optional_long(&mut self) -> Result<Option<i64>, CorruptItems> {
+        match self.long()? {
+            0 => Ok(None),
+            1 => self.long().map(Some),
+            _ => Err(self.corrupt()),
+        }
+    }
+
+    fn optional_text(&mut self) -> Result<Option<&'a str>, CorruptItems> {
+        match self.long()? {
+            0 => Ok(None),
+            1 => self.text().map(Some),
+            _ => Err(self.corrupt()),
+        }
+    }
+
+    /// Reads one block of entries of `strings_per_entry` strings each, and the empty block that
+    /// ends it. Returns the entry count and the bytes of the entries.
+    fn block(&mut self, strings_per_entry: usize) -> Result<(usize, &'a [u8]), CorruptItems> {
+        let len = self.len()?;
+        let start = self.at;
+        if len > 0 {
+            for _ in 0..len * strings_per_entry {
+                self.bytes()?;
+            }
+            if self.long()? != 0 {
+                return Err(self.corrupt());
+            }
+        }
+        Ok((len, &self.bytes[start..self.at]))
+    }
+
+    fn map(&mut self) -> Result<MapView<'a>, CorruptItems> {
+        let (len, entries) = self.block(2)?;
+        Ok(MapView { len, entries })
+    }
+
+    fn list(&mut self) -> Result<ListView<'a>, CorruptItems> {
+        let (len, elements) = self.block(1)?;
+        Ok(ListView { len, elements })
+    }
+
+    fn impression(&mut self) -> Result<ImpressionView<'a>, CorruptItems> {
+        Ok(ImpressionView {
+            impression_id: self.text()?,
+            feature: self.text()?,
+            time_ms: self.long()?,
+            client_time_ms: self.optional_long()?,
+            args: self.map()?,
+            outputs: self.map()?,
+            variants: self.list()?,
+        })
+    }
+
+    fn event(&mut self) -> Result<EventView<'a>, CorruptItems> {
+        Ok(EventView {
+            event_id: self.text()?,
+            name: self.text()?,
+            time_ms: self.long()?,
+            client_time_ms: self.optional_long()?,
+            impression_id: self.optional_text()?,
+            feature: self.optional_text()?,
+            fields: self.map()?,
+        })
+    }
+}
+
+// === Serialization for the Avro writer ===
+
+impl Serialize for Impressions {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
+        for item in self.iter() {
+            seq.serialize_element(&item.map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for Events {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
+        for item in self.iter() {
+            seq.serialize_element(&item.map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for ImpressionView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut record = serializer.serialize_struct("Impression", 7)?;
+        record.serialize_field("impression_id", self.impression_id)?;
+        record.serialize_field("feature", self.feature)?;
+        record.serialize_field("time", &self.time_ms)?;
+        record.serialize_field("client_time", &self.client_time_ms)?;
+        record.serialize_field("args", &self.args)?;
+        record.serialize_field("outputs", &self.outputs)?;
+        record.serialize_field("variants", &self.variants)?;
+        record.end()
+    }
+}
+
+impl Serialize for EventView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut record = serializer.serialize_struct("Event", 7)?;
+        record.serialize_field("event_id", self.event_id)?;
+        record.serialize_field("name", self.name)?;
+        record.serialize_field("time", &self.time_ms)?;
+        record.serialize_field("client_time", &self.client_time_ms)?;
+        record.serialize_field("impression_id", &self.impression_id)?;
+        record.serialize_field("feature", &self.feature)?;
+        record.serialize_field("fields", &self.fields)?;
+        record.end()
+    }
+}
+
+impl Serialize for MapView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.len))?;
+        for entry in self.iter() {
+            let (key, value) = entry.map_err(S::Error::custom)?;
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for ListView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.len))?;
+        for element in self.iter() {
+            seq.serialize_element(element.map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    fn impression(id: &str, args: &[(&'static str, &'static str)]) -> Impression<'static> {
+        Impression {
+            impression_id: Cow::Owned(id.to_owned()),
+            feature: "Box".into(),
+            time_ms: -5,
+            client_time_ms: Some(1_733_310_000_000),
+            args: StringMap(
+                args.iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
+            outputs: StringMap::default(),
+            variants: vec!["cta:A".into(), "layout:2".into()],
+        }
+    }
+
+    #[test]
+    fn impressions_read_back_as_written() {
+        let mut stored = Impressions::default();
+        stored.reserve_for(&[impression("a", &[("k", "v")]), impression("é", &[])]);
+        let reserved = stored.heap_bytes();
+        let first = stored.push(&impression("a", &[("k", "v"), ("l", "w")]));
+        let second = stored.push(&impression("é", &[]));
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored.id_at(first), Some(&b"a"[..]));
+        assert_eq!(stored.id_at(second), Some("é".as_bytes()));
+        assert_eq!(stored.feature_at(second), Some("Box"));
+        assert!(stored.heap_bytes() >= reserved);
+
+        let views: Vec<ImpressionView<'_>> = stored.iter().map(Result::unwrap).collect();
+        assert_eq!(views[0].impression_id, "a");
+        assert_eq!(views[0].time_ms, -5);
+        assert_eq!(views[0].client_time_ms, Some(1_733_310_000_000));
+        let args: Vec<(&str, &str)> = views[0].args.iter().map(Result::unwrap).collect();
+        assert_eq!(args, [("k", "v"), ("l", "w")]);
+        assert!(views[1].args.is_empty());
+        let variants: Vec<&str> = views[1].variants.iter().map(Result::unwrap).collect();
+        assert_eq!(variants, ["cta:A", "layout:2"]);
+    }
+
+    #[test]
+    fn first_batch_is_reserved_exactly() {
+        let items = [impression("a", &[("k", "v")]), impression("b", &[])];
+        let mut stored = Impressions::default();
+        stored.reserve_for(&items);
+        for item in &items {
+            stored.push(item);
+        }
+        assert_eq!(stored.heap_bytes(), stored.0.bytes.len());
+    }
+
+    #[test]
+    fn event_feature_fills_only_missing() {
+        let mut event = Event {
+            event_id: "e".into(),
+            name: "Click".into(),
+            time_ms: 1,
+            client_time_ms: None,
+            impression_id: Some("a".into()),
+            feature: None,
+            fields: StringMap::default(),
+        };
+        let mut stored = Events::default();
+        stored.push(&event, Some("Box"));
+        event.feature = Some("Own".into());
+        stored.push(&event, Some("Box"));
+        let features: Vec<Option<&str>> = stored.iter().map(|view| view.unwrap().feature).collect();
+        assert_eq!(features, [Some("Box"), Some("Own")]);
+    }
+
+    #[test]
+    fn longs_use_zigzag_varints() {
+        for (value, encoded) in [
+            (0i64, &[0u8][..]),
+            (-1, &[1]),
+            (1, &[2]),
+            (-64, &[0x7f]),
+            (64, &[0x80, 0x01]),
+        ] {
+            let mut out = Vec::new();
+            put_long(&mut out, value);
+            assert_eq!(out, encoded, "{value}");
+            assert_eq!(Reader::at(&out, 0).long(), Ok(value));
+        }
+        for value in [i64::MIN, i64::MAX] {
+            let mut out = Vec::new();
+            put_long(&mut out, value);
+            assert_eq!(Reader::at(&out, 0).long(), Ok(value));
+        }
+    }
+
+    #[test]
+    fn truncated_bytes_give_errors() {
+        let mut stored = Impressions::default();
+        stored.push(&impression("a", &[("k", "v")]));
+        let full = stored.0.bytes.clone();
+        for cut in 0..full.len() {
+            stored.0.bytes = full[..cut].to_vec();
+            assert!(stored.iter().any(|item| item.is_err()), "cut at {cut}");
+        }
+    }
+}
