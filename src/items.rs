@@ -10,42 +10,43 @@
 //! An item is added only after its batch passed validation, and the bytes are read only by this
 //! module, so a decoding error means a defect here. It is reported as an error, never a panic.
 
+use std::marker::PhantomData;
+
 use serde::Serialize;
 use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct, Serializer};
 
 use crate::batch::{Event, Impression, StringMap, Text};
 
-/// The impressions of one session.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Impressions(ItemBuffer);
-
-/// The events of one session.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Events(ItemBuffer);
-
-/// Stored items found by id: the id is the first field of both records.
-pub trait ItemIds {
-    /// Returns the number of items.
-    fn len(&self) -> usize;
-
-    /// Returns whether there are no items.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Returns the id of the item at `offset`, as raw bytes.
-    fn id_at(&self, offset: usize) -> Option<&[u8]>;
-
-    /// Returns the offset of every item, in the order added.
-    fn offsets(&self) -> impl Iterator<Item = usize>;
-}
-
-/// Encoded items, back to back, and how many there are.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct ItemBuffer {
+/// Stored items of one kind: each one's Avro encoding, back to back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Items<K> {
     bytes: Vec<u8>,
     len: usize,
+    kind: PhantomData<K>,
 }
+
+/// The impressions of one session.
+pub type Impressions = Items<ImpressionKind>;
+
+/// The events of one session.
+pub type Events = Items<EventKind>;
+
+/// A kind of stored item: how its encoding is read back.
+pub trait ItemKind {
+    /// The item read back, its strings borrowed from the buffer.
+    type View<'a>: Serialize;
+
+    /// Reads the item that starts at `*at` in `bytes` and moves `*at` past it.
+    fn read<'a>(bytes: &'a [u8], at: &mut usize) -> Result<Self::View<'a>, CorruptItems>;
+}
+
+/// The kind of [`Impressions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImpressionKind {}
+
+/// The kind of [`Events`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {}
 
 /// Stored bytes that do not decode as the items written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -92,65 +93,115 @@ pub struct ListView<'a> {
     elements: &'a [u8],
 }
 
-// === impl Impressions ===
+// === impl Items ===
 
-impl ItemIds for Impressions {
-    fn len(&self) -> usize {
-        self.0.len
-    }
-
-    fn id_at(&self, offset: usize) -> Option<&[u8]> {
-        self.0.id_at(offset)
-    }
-
-    fn offsets(&self) -> impl Iterator<Item = usize> {
-        self.0.offsets(Reader::impression)
+impl<K> Default for Items<K> {
+    fn default() -> Self {
+        Self {
+            bytes: Vec::new(),
+            len: 0,
+            kind: PhantomData,
+        }
     }
 }
 
-impl Impressions {
-    /// Returns the number of impressions.
+impl<K: ItemKind> Items<K> {
+    /// Returns the number of items.
     pub fn len(&self) -> usize {
-        self.0.len
+        self.len
     }
 
-    /// Returns whether there are none.
+    /// Returns whether there are no items.
     pub fn is_empty(&self) -> bool {
-        self.0.len == 0
+        self.len == 0
     }
 
-    /// Returns the bytes allocated for the impressions.
+    /// Returns the bytes allocated for the items.
     pub fn heap_bytes(&self) -> usize {
-        self.0.bytes.capacity()
+        self.bytes.capacity()
     }
 
-    /// Reserves room for `items`, so a session's first batch allocates exactly once.
-    pub fn reserve_for(&mut self, items: &[Impression<'_>]) {
+    /// Returns the id of the item at `offset`, as raw bytes: the id is the first field of both
+    /// records.
+    pub fn id_at(&self, offset: usize) -> Option<&[u8]> {
+        Reader::at(&self.bytes, offset).bytes().ok()
+    }
+
+    /// Returns the offset of each item in the order added; stops at the first that fails.
+    pub fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut at = 0;
+        (0..self.len).map_while(move |_| {
+            let start = at;
+            K::read(&self.bytes, &mut at).ok().map(|_| start)
+        })
+    }
+
+    /// Returns every item in the order added; stops after the first error.
+    pub fn iter(&self) -> impl Iterator<Item = Result<K::View<'_>, CorruptItems>> {
+        let mut at = 0;
+        let mut failed = false;
+        (0..self.len).map_while(move |_| {
+            if failed {
+                return None;
+            }
+            let item = K::read(&self.bytes, &mut at);
+            failed = item.is_err();
+            Some(item)
+        })
+    }
+
+    /// Reserves the bytes that `encode` counts, so a session's first batch allocates once.
+    fn reserve_counted(&mut self, encode: impl FnOnce(&mut Counter)) {
         let mut counter = Counter(0);
-        for item in items {
-            put_impression(&mut counter, item);
-        }
-        self.0.bytes.reserve(counter.0);
+        encode(&mut counter);
+        self.bytes.reserve(counter.0);
     }
 
-    /// Appends `item`; returns its offset, which [`ItemIds::id_at`] takes.
-    pub fn push(&mut self, item: &Impression<'_>) -> usize {
-        let at = self.0.bytes.len();
-        put_impression(&mut self.0.bytes, item);
-        self.0.len += 1;
+    /// Appends the item that `encode` writes; returns its offset.
+    fn append(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
+        let at = self.bytes.len();
+        encode(&mut self.bytes);
+        self.len += 1;
         at
+    }
+}
+
+impl Items<ImpressionKind> {
+    /// Reserves room for `items`.
+    pub fn reserve_for(&mut self, items: &[Impression<'_>]) {
+        self.reserve_counted(|counter| {
+            for item in items {
+                put_impression(counter, item);
+            }
+        });
+    }
+
+    /// Appends `item`; returns its offset, which [`id_at`](Self::id_at) takes.
+    pub fn push(&mut self, item: &Impression<'_>) -> usize {
+        self.append(|out| put_impression(out, item))
     }
 
     /// Returns the feature of the impression at `offset`.
     pub fn feature_at(&self, offset: usize) -> Option<&str> {
-        let mut reader = Reader::at(&self.0.bytes, offset);
+        let mut reader = Reader::at(&self.bytes, offset);
         reader.bytes().ok()?;
         reader.text().ok()
     }
+}
 
-    /// Returns every impression in the order added.
-    pub fn iter(&self) -> impl Iterator<Item = Result<ImpressionView<'_>, CorruptItems>> {
-        self.0.iter(Reader::impression)
+impl Items<EventKind> {
+    /// Reserves room for `items`.
+    pub fn reserve_for(&mut self, items: &[Event<'_>]) {
+        self.reserve_counted(|counter| {
+            for item in items {
+                put_event(counter, item, None);
+            }
+        });
+    }
+
+    /// Appends `item`, with `feature` where the event names none; returns its offset.
+    pub fn push(&mut self, item: &Event<'_>, feature: Option<&str>) -> usize {
+        self.append(|out| put_event(out, item, feature))
     }
 }
 
@@ -164,61 +215,6 @@ impl<'a> FromIterator<Impression<'a>> for Impressions {
     }
 }
 
-// === impl Events ===
-
-impl ItemIds for Events {
-    fn len(&self) -> usize {
-        self.0.len
-    }
-
-    fn id_at(&self, offset: usize) -> Option<&[u8]> {
-        self.0.id_at(offset)
-    }
-
-    fn offsets(&self) -> impl Iterator<Item = usize> {
-        self.0.offsets(Reader::event)
-    }
-}
-
-impl Events {
-    /// Returns the number of events.
-    pub fn len(&self) -> usize {
-        self.0.len
-    }
-
-    /// Returns whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.len == 0
-    }
-
-    /// Returns the bytes allocated for the events.
-    pub fn heap_bytes(&self) -> usize {
-        self.0.bytes.capacity()
-    }
-
-    /// Reserves room for `items`, so a session's first batch allocates exactly once.
-    pub fn reserve_for(&mut self, items: &[Event<'_>]) {
-        let mut counter = Counter(0);
-        for item in items {
-            put_event(&mut counter, item, None);
-        }
-        self.0.bytes.reserve(counter.0);
-    }
-
-    /// Appends `item`, with `feature` where the event names none; returns its offset.
-    pub fn push(&mut self, item: &Event<'_>, feature: Option<&str>) -> usize {
-        let at = self.0.bytes.len();
-        put_event(&mut self.0.bytes, item, feature);
-        self.0.len += 1;
-        at
-    }
-
-    /// Returns every event in the order added.
-    pub fn iter(&self) -> impl Iterator<Item = Result<EventView<'_>, CorruptItems>> {
-        self.0.iter(Reader::event)
-    }
-}
-
 impl<'a> FromIterator<Event<'a>> for Events {
     fn from_iter<I: IntoIterator<Item = Event<'a>>>(items: I) -> Self {
         let mut events = Self::default();
@@ -229,40 +225,25 @@ impl<'a> FromIterator<Event<'a>> for Events {
     }
 }
 
-// === impl ItemBuffer ===
+impl ItemKind for ImpressionKind {
+    type View<'a> = ImpressionView<'a>;
 
-impl ItemBuffer {
-    fn id_at(&self, offset: usize) -> Option<&[u8]> {
-        Reader::at(&self.bytes, offset).bytes().ok()
+    fn read<'a>(bytes: &'a [u8], at: &mut usize) -> Result<ImpressionView<'a>, CorruptItems> {
+        let mut reader = Reader::at(bytes, *at);
+        let view = reader.impression()?;
+        *at = reader.at;
+        Ok(view)
     }
+}
 
-    /// Returns the offset of each item, read with `read`; stops at the first that fails.
-    fn offsets<'a, T: 'a>(
-        &'a self,
-        read: fn(&mut Reader<'a>) -> Result<T, CorruptItems>,
-    ) -> impl Iterator<Item = usize> + 'a {
-        let mut reader = Reader::at(&self.bytes, 0);
-        (0..self.len).map_while(move |_| {
-            let at = reader.at;
-            read(&mut reader).ok().map(|_| at)
-        })
-    }
+impl ItemKind for EventKind {
+    type View<'a> = EventView<'a>;
 
-    /// Decodes the items one by one with `read`; stops after the first error.
-    fn iter<'a, T: 'a>(
-        &'a self,
-        read: fn(&mut Reader<'a>) -> Result<T, CorruptItems>,
-    ) -> impl Iterator<Item = Result<T, CorruptItems>> + 'a {
-        let mut reader = Reader::at(&self.bytes, 0);
-        let mut failed = false;
-        (0..self.len).map_while(move |_| {
-            if failed {
-                return None;
-            }
-            let item = read(&mut reader);
-            failed = item.is_err();
-            Some(item)
-        })
+    fn read<'a>(bytes: &'a [u8], at: &mut usize) -> Result<EventView<'a>, CorruptItems> {
+        let mut reader = Reader::at(bytes, *at);
+        let view = reader.event()?;
+        *at = reader.at;
+        Ok(view)
     }
 }
 
@@ -398,7 +379,7 @@ fn put_list(out: &mut impl Output, list: &[Text<'_>]) {
     put_long(out, 0);
 }
 
-/// Writes an `Impression` record; the id comes first, as [`ItemIds::id_at`] expects.
+/// Writes an `Impression` record; the id comes first, as [`Items::id_at`] expects.
 fn put_impression(out: &mut impl Output, item: &Impression<'_>) {
     put_text(out, &item.impression_id);
     put_text(out, &item.feature);
@@ -409,7 +390,7 @@ fn put_impression(out: &mut impl Output, item: &Impression<'_>) {
     put_list(out, &item.variants);
 }
 
-/// Writes an `Event` record; the id comes first, as [`ItemIds::id_at`] expects.
+/// Writes an `Event` record; the id comes first, as [`Items::id_at`] expects.
 fn put_event(out: &mut impl Output, item: &Event<'_>, feature: Option<&str>) {
     put_text(out, &item.event_id);
     put_text(out, &item.name);
@@ -538,17 +519,7 @@ impl<'a> Reader<'a> {
 
 // === Serialization for the Avro writer ===
 
-impl Serialize for Impressions {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.len()))?;
-        for item in self.iter() {
-            seq.serialize_element(&item.map_err(S::Error::custom)?)?;
-        }
-        seq.end()
-    }
-}
-
-impl Serialize for Events {
+impl<K: ItemKind> Serialize for Items<K> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.len()))?;
         for item in self.iter() {
@@ -661,7 +632,7 @@ mod tests {
         for item in &items {
             stored.push(item);
         }
-        assert_eq!(stored.heap_bytes(), stored.0.bytes.len());
+        assert_eq!(stored.heap_bytes(), stored.bytes.len());
     }
 
     #[test]
@@ -708,9 +679,9 @@ mod tests {
     fn truncated_bytes_give_errors() {
         let mut stored = Impressions::default();
         stored.push(&impression("a", &[("k", "v")]));
-        let full = stored.0.bytes.clone();
+        let full = stored.bytes.clone();
         for cut in 0..full.len() {
-            stored.0.bytes = full[..cut].to_vec();
+            stored.bytes = full[..cut].to_vec();
             assert!(stored.iter().any(|item| item.is_err()), "cut at {cut}");
         }
     }

@@ -23,7 +23,7 @@ use hashbrown::HashTable;
 use uuid::Uuid;
 
 use crate::batch::{Batch, Context, StringMap, Text, owned};
-use crate::items::{Events, Impressions, ItemIds};
+use crate::items::{Events, Impressions, ItemKind, Items};
 use crate::metrics::Metrics;
 
 /// Bytes of one bucket in a duplicate index: an offset and its control byte.
@@ -616,7 +616,12 @@ impl Session {
 
 impl IdIndex {
     /// Returns the offset of the item with `id` in `items`, if there is one.
-    fn find(&self, items: &impl ItemIds, id: &[u8], hasher: &RandomState) -> Option<usize> {
+    fn find<K: ItemKind>(
+        &self,
+        items: &Items<K>,
+        id: &[u8],
+        hasher: &RandomState,
+    ) -> Option<usize> {
         if self.0.is_empty() {
             // No table yet: the items are fewer than `INDEX_FROM_ITEMS`.
             return items.offsets().find(|&at| items.id_at(at) == Some(id));
@@ -627,7 +632,7 @@ impl IdIndex {
     }
 
     /// Notes the item just added at `offset`, building the table once the items are many.
-    fn added(&mut self, items: &impl ItemIds, offset: usize, hasher: &RandomState) {
+    fn added<K: ItemKind>(&mut self, items: &Items<K>, offset: usize, hasher: &RandomState) {
         let hash_at = |at: &usize| hasher.hash_one(items.id_at(*at).unwrap_or_default());
         if !self.0.is_empty() {
             self.0.insert_unique(hash_at(&offset), offset, hash_at);
