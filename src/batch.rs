@@ -114,13 +114,13 @@ struct BatchBody<'a> {
     session_key: Option<BodyText<'a>>,
     sent_at: Option<Timestamp>,
     #[serde(borrow)]
-    context: Option<ContextBody<'a>>,
+    context: Option<Object<ContextBody<'a>>>,
     #[serde(borrow)]
     args: Option<StringMap<'a>>,
     #[serde(borrow)]
-    impressions: Option<Vec<ImpressionBody<'a>>>,
+    impressions: Option<Vec<Object<ImpressionBody<'a>>>>,
     #[serde(borrow)]
-    events: Option<Vec<EventBody<'a>>>,
+    events: Option<Vec<Object<EventBody<'a>>>>,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -167,6 +167,11 @@ struct ContextBody<'a> {
     #[serde(borrow)]
     client_type: Option<BodyText<'a>>,
 }
+
+/// A value that must be a JSON object. serde would also read a struct from an array of its
+/// fields in order, which a client never means.
+#[derive(Debug, PartialEq)]
+struct Object<T>(T);
 
 /// A time as milliseconds since the Unix epoch or as an RFC 3339 string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,7 +247,7 @@ impl<'a> Batch<'a> {
 
         let impressions = parsed.impressions.unwrap_or_default();
         let mut stored_impressions = Vec::with_capacity(impressions.len());
-        for (index, item) in impressions.into_iter().enumerate() {
+        for (index, Object(item)) in impressions.into_iter().enumerate() {
             require_text(&item.impression_id.0, || {
                 format!("impressions[{index}].impressionId")
             })?;
@@ -264,7 +269,7 @@ impl<'a> Batch<'a> {
 
         let events = parsed.events.unwrap_or_default();
         let mut stored_events = Vec::with_capacity(events.len());
-        for (index, item) in events.into_iter().enumerate() {
+        for (index, Object(item)) in events.into_iter().enumerate() {
             require_text(&item.event_id.0, || format!("events[{index}].eventId"))?;
             require_text(&item.name.0, || format!("events[{index}].name"))?;
             let (time_ms, client_time_ms) = correct(item.time);
@@ -291,7 +296,7 @@ impl<'a> Batch<'a> {
             received_ms,
             context: parsed
                 .context
-                .map(ContextBody::into_context)
+                .map(|Object(context)| context.into_context())
                 .unwrap_or_default(),
             args: parsed.args.unwrap_or_default(),
             impressions: stored_impressions,
@@ -416,15 +421,20 @@ fn from_json_error(err: serde_path_to_error::Error<serde_json::Error>) -> BatchE
     };
     let message = inner.to_string();
 
-    // serde reports a missing field at its parent; name the field itself.
-    if let Some(missing) = message
-        .strip_prefix("missing field `")
+    // A key that failed to parse shows as `?`; the error belongs to the object that holds it.
+    if let Some(parent) = field.strip_suffix(".?") {
+        field = parent.to_owned();
+    }
+    // serde reports a missing or repeated field at its parent; name the field itself.
+    if let Some(named) = ["missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
         .and_then(|rest| rest.split('`').next())
     {
         field = if field == "." {
-            missing.to_owned()
+            named.to_owned()
         } else {
-            format!("{field}.{missing}")
+            format!("{field}.{named}")
         };
     }
     // "?" means the error came before any field was reached, "." that it is the whole body.
@@ -632,6 +642,28 @@ fn number_text<'de, E: de::Error>(value: impl serde::Serialize) -> Result<ValueT
         .map_err(E::custom)
 }
 
+// === impl Object ===
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+    }
+}
+
+struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+    type Value = Object<T>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<Object<T>, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(access)).map(Object)
+    }
+}
+
 // === impl Timestamp ===
 
 impl<'de> Deserialize<'de> for Timestamp {
@@ -684,6 +716,10 @@ impl Visitor<'_> for TimestampVisitor {
             .ok_or_else(|| E::custom(format!("invalid RFC 3339 time {text:?}")))?;
         if ms < 0 {
             return Err(E::custom("time is before 1970-01-01"));
+        }
+        // A year-9999 time with a negative offset is later than 9999 in UTC.
+        if ms > MAX_TIME_MS {
+            return Err(E::custom("time is after the year 9999"));
         }
         Ok(Timestamp(ms))
     }
@@ -814,6 +850,60 @@ mod tests {
     fn lone_surrogate_is_rejected() {
         let err = parse(r#"{"deviceId": "d\ud800"}"#).unwrap_err();
         assert_eq!(err.kind, BatchErrorKind::InvalidJson);
+    }
+
+    #[test]
+    fn time_after_9999_by_offset_is_rejected() {
+        let item = r#"{"deviceId": "d", "impressions": [{"impressionId": "i", "feature": "f",
+                       "time": "9999-12-31T23:59:59.999-00:01"}]}"#;
+        let err = parse(item).unwrap_err();
+        assert_eq!(err.field, "impressions[0].time");
+        assert!(
+            err.message.contains("after the year 9999"),
+            "{}",
+            err.message
+        );
+
+        let sent_at = r#"{"deviceId": "d", "sentAt": "9999-12-31T23:59:59-01:00"}"#;
+        assert_eq!(parse(sent_at).unwrap_err().field, "sentAt");
+    }
+
+    #[test]
+    fn array_for_object_is_rejected() {
+        for (body, field) in [
+            (
+                r#"{"deviceId": "d", "impressions": [["i", "f", null, null, null, null]]}"#,
+                "impressions[0]",
+            ),
+            (
+                r#"{"deviceId": "d", "events": [["e", "n", null, null, null, null]]}"#,
+                "events[0]",
+            ),
+            (
+                r#"{"deviceId": "d", "context": ["u", null, null, null]}"#,
+                "context",
+            ),
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.field, field, "{body}");
+            assert!(err.message.contains("a JSON object"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn repeated_field_is_named() {
+        let top = parse(r#"{"deviceId": "d", "deviceId": "d"}"#).unwrap_err();
+        assert_eq!(top.field, "deviceId");
+        let nested = parse(r#"{"deviceId": "d", "context": {"entryUrl": "u", "entryUrl": "v"}}"#)
+            .unwrap_err();
+        assert_eq!(nested.field, "context.entryUrl");
+    }
+
+    #[test]
+    fn bad_map_value_names_map() {
+        let err = parse(r#"{"deviceId": "d", "args": {"a": 0x10}}"#).unwrap_err();
+        assert!(err.field.starts_with("args"), "{}", err.field);
+        assert!(!err.field.contains('?'), "{}", err.field);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::borrow::Cow;
 use serde::de::Visitor;
 
 use super::{
-    BatchBody, BodyText, ContextBody, EventBody, ImpressionBody, StringMap, Text, Timestamp,
-    TimestampVisitor, ValueText, ValueTextVisitor, dedup_keys,
+    BatchBody, BodyText, ContextBody, EventBody, ImpressionBody, Object, StringMap, Text,
+    Timestamp, TimestampVisitor, ValueText, ValueTextVisitor, dedup_keys,
 };
 
 /// Parses `text` as a batch; `None` where serde must decide.
@@ -262,7 +262,7 @@ impl<'a> Parser<'a> {
         Some(text)
     }
 
-    fn context(&mut self) -> Option<Option<ContextBody<'a>>> {
+    fn context(&mut self) -> Option<Option<Object<ContextBody<'a>>>> {
         if self.null() {
             return Some(None);
         }
@@ -287,10 +287,10 @@ impl<'a> Parser<'a> {
             *slot = parser.optional_text()?;
             Some(())
         })?;
-        Some(Some(context))
+        Some(Some(Object(context)))
     }
 
-    fn impression(&mut self) -> Option<ImpressionBody<'a>> {
+    fn impression(&mut self) -> Option<Object<ImpressionBody<'a>>> {
         let mut impression_id = None;
         let mut feature = None;
         let mut time = None;
@@ -306,17 +306,17 @@ impl<'a> Parser<'a> {
             "variants" => set(&mut variants, parser.array(Self::text)?),
             _ => None,
         })?;
-        Some(ImpressionBody {
+        Some(Object(ImpressionBody {
             impression_id: impression_id?,
             feature: feature?,
             time: time.flatten(),
             args: args.flatten(),
             outputs: outputs.flatten(),
             variants: variants.flatten(),
-        })
+        }))
     }
 
-    fn event(&mut self) -> Option<EventBody<'a>> {
+    fn event(&mut self) -> Option<Object<EventBody<'a>>> {
         let mut event_id = None;
         let mut name = None;
         let mut time = None;
@@ -332,14 +332,14 @@ impl<'a> Parser<'a> {
             "fields" => set(&mut fields, parser.string_map()?),
             _ => None,
         })?;
-        Some(EventBody {
+        Some(Object(EventBody {
             event_id: event_id?,
             name: name?,
             time: time.flatten(),
             impression_id: impression_id.flatten(),
             feature: feature.flatten(),
             fields: fields.flatten(),
-        })
+        }))
     }
 
     fn batch(&mut self) -> Option<BatchBody<'a>> {
