@@ -14,11 +14,6 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
-// Sessions are many small strings: mimalloc packs them with less overhead and fragmentation
-// than the system allocator, and serves the request path's short-lived allocations faster.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when the server could not start or left data behind.
