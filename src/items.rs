@@ -3,7 +3,7 @@
 //! A session keeps its impressions in one byte buffer and its events in another. Each item is
 //! stored as the bytes it has inside the `impressions` or `events` array of the session record
 //! in `proto/session.avsc`. One buffer per array costs one allocation instead of one per string,
-//! and the memory a session holds stays close to its encoded size. The writer reads the items
+//! and a session's memory stays close to its encoded size. The writer reads the items
 //! back as borrowed strings and writes them through the schema-aware serializer, so the schema
 //! still checks every record.
 //!
@@ -127,7 +127,7 @@ impl<K: ItemKind> Items<K> {
         Reader::at(&self.bytes, offset).bytes().ok()
     }
 
-    /// Returns the offset of each item in the order added; stops at the first that fails.
+    /// Returns the offset of each item in the order added, stopping at the first that fails.
     pub fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
         let mut at = 0;
         (0..self.len).map_while(move |_| {
@@ -136,7 +136,7 @@ impl<K: ItemKind> Items<K> {
         })
     }
 
-    /// Returns every item in the order added; stops after the first error.
+    /// Returns every item in the order added, stopping after the first error.
     pub fn iter(&self) -> impl Iterator<Item = Result<K::View<'_>, CorruptItems>> {
         let mut at = 0;
         let mut failed = false;
@@ -150,14 +150,19 @@ impl<K: ItemKind> Items<K> {
         })
     }
 
-    /// Reserves the bytes that `encode` counts, so a session's first batch allocates once.
+    /// Reserves exactly the bytes that `encode` counts when the buffer is empty, so a session's
+    /// first batch allocates once. Later batches grow the buffer by doubling as they append, so
+    /// they skip the counting pass.
     fn reserve_counted(&mut self, encode: impl FnOnce(&mut Counter)) {
+        if !self.bytes.is_empty() {
+            return;
+        }
         let mut counter = Counter(0);
         encode(&mut counter);
-        self.bytes.reserve(counter.0);
+        self.bytes.reserve_exact(counter.0);
     }
 
-    /// Appends the item that `encode` writes; returns its offset.
+    /// Appends the item that `encode` writes and returns its offset.
     fn append(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
         let at = self.bytes.len();
         encode(&mut self.bytes);
@@ -167,7 +172,7 @@ impl<K: ItemKind> Items<K> {
 }
 
 impl Items<ImpressionKind> {
-    /// Reserves room for `items`.
+    /// Reserves room for `items` when they are the first.
     pub fn reserve_for(&mut self, items: &[Impression<'_>]) {
         self.reserve_counted(|counter| {
             for item in items {
@@ -176,7 +181,7 @@ impl Items<ImpressionKind> {
         });
     }
 
-    /// Appends `item`; returns its offset, which [`id_at`](Self::id_at) takes.
+    /// Appends `item` and returns its offset, which [`id_at`](Self::id_at) takes.
     pub fn push(&mut self, item: &Impression<'_>) -> usize {
         self.append(|out| put_impression(out, item))
     }
@@ -190,7 +195,7 @@ impl Items<ImpressionKind> {
 }
 
 impl Items<EventKind> {
-    /// Reserves room for `items`.
+    /// Reserves room for `items` when they are the first.
     pub fn reserve_for(&mut self, items: &[Event<'_>]) {
         self.reserve_counted(|counter| {
             for item in items {
@@ -199,7 +204,7 @@ impl Items<EventKind> {
         });
     }
 
-    /// Appends `item`, with `feature` where the event names none; returns its offset.
+    /// Appends `item`, with `feature` where the event names none, and returns its offset.
     pub fn push(&mut self, item: &Event<'_>, feature: Option<&str>) -> usize {
         self.append(|out| put_event(out, item, feature))
     }

@@ -39,7 +39,7 @@ struct Parser<'a> {
     at: usize,
 }
 
-/// Sets `slot` once; a field that comes twice makes the parser give up, as serde rejects it.
+/// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
 fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
         return None;
@@ -154,7 +154,7 @@ impl<'a> Parser<'a> {
     /// `i64`, anything else as the `f64` serde_json itself reads from the text.
     fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
         let (text, integer) = self.number()?;
-        // serde_json reads `-0` as the float -0.0; leave that to it.
+        // serde_json reads `-0` as the float -0.0, so leave it to serde_json.
         if text == "-0" {
             return None;
         }
@@ -266,27 +266,23 @@ impl<'a> Parser<'a> {
         if self.null() {
             return Some(None);
         }
-        let mut context = ContextBody {
-            entry_url: None,
-            referrer: None,
-            user_agent: None,
-            client_type: None,
-        };
-        let mut seen = [false; 4];
-        self.object(|parser, key| {
-            let (slot, at) = match key {
-                "entryUrl" => (&mut context.entry_url, 0),
-                "referrer" => (&mut context.referrer, 1),
-                "userAgent" => (&mut context.user_agent, 2),
-                "clientType" => (&mut context.client_type, 3),
-                _ => return None,
-            };
-            if std::mem::replace(&mut seen[at], true) {
-                return None;
-            }
-            *slot = parser.optional_text()?;
-            Some(())
+        let mut entry_url = None;
+        let mut referrer = None;
+        let mut user_agent = None;
+        let mut client_type = None;
+        self.object(|parser, key| match key {
+            "entryUrl" => set(&mut entry_url, parser.optional_text()?),
+            "referrer" => set(&mut referrer, parser.optional_text()?),
+            "userAgent" => set(&mut user_agent, parser.optional_text()?),
+            "clientType" => set(&mut client_type, parser.optional_text()?),
+            _ => None,
         })?;
+        let context = ContextBody {
+            entry_url: entry_url.flatten(),
+            referrer: referrer.flatten(),
+            user_agent: user_agent.flatten(),
+            client_type: client_type.flatten(),
+        };
         Some(Some(Object(context)))
     }
 
