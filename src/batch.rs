@@ -1,7 +1,7 @@
 //! The `POST /v1/collect` body: parsing, validation and conversion into session items.
 //!
-//! A body is parsed once into typed structs whose strings borrow from the body where the JSON
-//! has no escapes; every error names the JSON path of the field and the problem. A batch that
+//! A body is parsed into typed structs whose strings borrow from the body where the JSON has
+//! no escapes: by a single-pass parser for the common shape, else by serde. Every error names the JSON path of the field and the problem. A batch that
 //! passes is converted into [`Batch`], with item times corrected for the client's clock skew,
 //! before any session is touched, so a batch is accepted or rejected whole.
 
@@ -421,11 +421,11 @@ fn from_json_error(err: serde_path_to_error::Error<serde_json::Error>) -> BatchE
     };
     let message = inner.to_string();
 
-    // A key that failed to parse shows as `?`; the error belongs to the object that holds it.
+    // A key that failed to parse shows as `?`, and the error belongs to the object around it.
     if let Some(parent) = field.strip_suffix(".?") {
         field = parent.to_owned();
     }
-    // serde reports a missing or repeated field at its parent; name the field itself.
+    // serde reports a missing or repeated field at its parent, so name the field itself.
     if let Some(named) = ["missing field `", "duplicate field `"]
         .iter()
         .find_map(|prefix| message.strip_prefix(prefix))
@@ -466,7 +466,7 @@ impl Context<'_> {
 pub fn owned(text: Text<'_>) -> Text<'static> {
     Cow::Owned(match text {
         Cow::Borrowed(text) => text.to_owned(),
-        // A number's text is written into a larger buffer; keep only its length.
+        // A number's text is written into a larger buffer, so keep only its length.
         Cow::Owned(text) => text.into_boxed_str().into_string(),
     })
 }
@@ -519,7 +519,7 @@ impl<'de> Visitor<'de> for StringMapVisitor {
     }
 }
 
-/// Sorts map entries by key; a repeated key keeps its last value, as `JSON.parse` does.
+/// Sorts map entries by key. A repeated key keeps its last value, as `JSON.parse` does.
 fn dedup_keys<'a>(mut entries: Vec<(Text<'a>, Text<'a>)>) -> StringMap<'a> {
     // The sort is stable, so the last of equal keys is the last of its run, and `dedup_by`
     // keeps the first of a run.

@@ -72,7 +72,7 @@ fn deeper_than(body: &[u8], max_depth: usize) -> bool {
                 if body[at] == b'"' {
                     break;
                 }
-                // Skip the backslash; the loop steps over the escaped character.
+                // Skip the backslash, and the loop then steps over the escaped character.
                 at += 1;
             },
             b'{' | b'[' => {
@@ -173,7 +173,7 @@ fn render_path(path: &[Step]) -> String {
 }
 
 /// Returns whether any map value of `batch` may have been a JSON object or array. A string that
-/// starts with a bracket also counts; it only costs a depth scan.
+/// starts with a bracket also counts, which costs only a depth scan.
 pub fn has_nested_values(batch: &Batch<'_>) -> bool {
     let nested = |map: &StringMap<'_>| map.0.iter().any(|(_, value)| value.starts_with(['{', '[']));
     nested(&batch.args)

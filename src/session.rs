@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 /// Bytes of one bucket in a duplicate index: an offset and its control byte.
 const INDEX_BUCKET_BYTES: usize = std::mem::size_of::<usize>() + 1;
 /// Items of one kind from which a session keeps a hash index of their ids. Below this a scan of
-/// the stored items is cheap, and most sessions never pay for an index.
+/// the stored items is cheap, and a session with fewer items pays for no index.
 const INDEX_FROM_ITEMS: usize = 8;
 
 /// Reason a session was closed; the order matches the `CloseReason` enum of `proto/session.avsc`.
