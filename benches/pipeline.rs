@@ -26,6 +26,8 @@ use impression_server::writer::{PartitionWriter, WriterSettings};
 const T0_MS: i64 = 1_733_310_000_000;
 /// Sessions per iteration of the close and file benchmarks.
 const SESSIONS_PER_FILE: usize = 1000;
+/// Pages of the returning-visitor benchmark, about what one device of the macro benchmark sends.
+const RETURNING_PAGES: usize = 24;
 
 /// Drops closed sessions, so recording is measured without the writer.
 struct DiscardSink;
@@ -46,8 +48,14 @@ fn limits() -> SessionLimits {
 
 /// Returns a first-page body with `impressions` impressions, like a k6 visit's first request.
 fn page_body(device: usize, impressions: usize) -> String {
+    nth_page_body(device, 0, impressions)
+}
+
+/// Returns the body of page `page` of a visit; its impression ids differ from other pages'.
+fn nth_page_body(device: usize, page: usize, impressions: usize) -> String {
     let items: Vec<String> = (0..impressions)
         .map(|i| {
+            let i = page * impressions + i;
             format!(
                 r#"{{"impressionId":"i-bench-{device}-{i}","feature":"Recommendations","time":{time},
                 "args":{{"slot":"page-{i}","product":"p-{i}","position":{i}}},
@@ -167,6 +175,32 @@ fn bench_record(c: &mut Criterion) {
             )
         });
     }
+
+    // A returning visitor: one session takes page after page, so its buffers and index grow.
+    let pages_text: Vec<String> = (0..RETURNING_PAGES)
+        .map(|page| nth_page_body(0, page, 20))
+        .collect();
+    let pages: Vec<Batch<'_>> = pages_text.iter().map(|body| parse(body)).collect();
+    group.bench_function(
+        format!("returning_visitor_{RETURNING_PAGES}_pages_of_20"),
+        |b| {
+            b.iter_batched(
+                || {
+                    (
+                        SessionStore::new(limits(), Box::new(DiscardSink)),
+                        pages.clone(),
+                    )
+                },
+                |(store, pages)| {
+                    for batch in pages {
+                        black_box(store.record(batch, client()).expect("store is open"));
+                    }
+                    store
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
 
     let page_text = page_body(0, 5);
     let reply_text = reply_body(0);

@@ -26,8 +26,8 @@ use crate::batch::{Batch, Context, StringMap, Text, owned};
 use crate::items::{Events, Impressions, ItemKind, Items};
 use crate::metrics::Metrics;
 
-/// Bytes of one bucket in a duplicate index: an offset and its control byte.
-const INDEX_BUCKET_BYTES: usize = std::mem::size_of::<usize>() + 1;
+/// Bytes of one bucket in a duplicate index: an entry and its control byte.
+const INDEX_BUCKET_BYTES: usize = std::mem::size_of::<IndexEntry>() + 1;
 /// Items of one kind from which a session keeps a hash index of their ids. Below this a scan of
 /// the stored items is cheap, and a session with fewer items pays for no index.
 const INDEX_FROM_ITEMS: usize = 8;
@@ -190,9 +190,22 @@ struct Session {
     event_index: IdIndex,
 }
 
-/// An index of stored items by id: a scan while they are few, then a hash table of offsets.
+/// An index of stored items by id: a scan while they are few, then a hash table of entries.
 #[derive(Debug, Default)]
-struct IdIndex(HashTable<usize>);
+struct IdIndex(HashTable<IndexEntry>);
+
+/// One item in an [`IdIndex`]: its offset in the low [`OFFSET_BITS`] bits and the [`IdTag`] of
+/// its id above them. With the tag in the entry, the table grows without reading any item, and a
+/// lookup reads an item only when the tags agree.
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry(u64);
+
+/// Bits of an [`IndexEntry`] that hold the offset: 2^40 bytes, far beyond any session.
+const OFFSET_BITS: u32 = 40;
+
+/// The top 24 bits of the hash of an item id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IdTag(u32);
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Deadline {
@@ -527,37 +540,46 @@ impl Session {
             duplicate_events: 0,
         };
         self.impressions.reserve_for(&batch.impressions);
+        self.impression_index
+            .prepare(&self.impressions, batch.impressions.len(), hasher);
         for impression in &batch.impressions {
             let id = impression.impression_id.as_bytes();
+            let tag = IdTag::of(id, hasher);
             if self
                 .impression_index
-                .find(&self.impressions, id, hasher)
+                .find(&self.impressions, id, tag)
                 .is_some()
             {
                 recorded.duplicate_impressions += 1;
                 continue;
             }
             let at = self.impressions.push(impression);
-            self.impression_index.added(&self.impressions, at, hasher);
+            self.impression_index.added(at, tag);
             recorded.impressions += 1;
         }
 
         self.events.reserve_for(&batch.events);
+        self.event_index
+            .prepare(&self.events, batch.events.len(), hasher);
         for event in &batch.events {
             let id = event.event_id.as_bytes();
-            if self.event_index.find(&self.events, id, hasher).is_some() {
+            let tag = IdTag::of(id, hasher);
+            if self.event_index.find(&self.events, id, tag).is_some() {
                 recorded.duplicate_events += 1;
                 continue;
             }
             let feature = match (&event.feature, event.impression_id.as_deref()) {
-                (None, Some(impression_id)) => self
-                    .impression_index
-                    .find(&self.impressions, impression_id.as_bytes(), hasher)
-                    .and_then(|at| self.impressions.feature_at(at)),
+                (None, Some(impression_id)) => {
+                    let impression_id = impression_id.as_bytes();
+                    let tag = IdTag::of(impression_id, hasher);
+                    self.impression_index
+                        .find(&self.impressions, impression_id, tag)
+                        .and_then(|at| self.impressions.feature_at(at))
+                }
                 _ => None,
             };
             let at = self.events.push(event, feature);
-            self.event_index.added(&self.events, at, hasher);
+            self.event_index.added(at, tag);
             recorded.events += 1;
         }
 
@@ -615,32 +637,77 @@ impl Session {
 // === impl IdIndex ===
 
 impl IdIndex {
+    /// Builds the table before a batch of `incoming` items takes the session to
+    /// `INDEX_FROM_ITEMS`, and makes room in it for the batch, so that the table grows at most
+    /// once a batch.
+    fn prepare<K: ItemKind>(&mut self, items: &Items<K>, incoming: usize, hasher: &RandomState) {
+        if self.0.capacity() > 0 {
+            self.0.reserve(incoming, IndexEntry::table_hash);
+        } else if items.len() + incoming >= INDEX_FROM_ITEMS {
+            self.0
+                .reserve(items.len() + incoming, IndexEntry::table_hash);
+            for at in items.offsets() {
+                let tag = IdTag::of(items.id_at(at).unwrap_or_default(), hasher);
+                self.added(at, tag);
+            }
+        }
+    }
+
     /// Returns the offset of the item with `id` in `items`, if there is one.
-    fn find<K: ItemKind>(
-        &self,
-        items: &Items<K>,
-        id: &[u8],
-        hasher: &RandomState,
-    ) -> Option<usize> {
-        if self.0.is_empty() {
-            // No table yet: the items are fewer than `INDEX_FROM_ITEMS`.
+    fn find<K: ItemKind>(&self, items: &Items<K>, id: &[u8], tag: IdTag) -> Option<usize> {
+        if self.0.capacity() == 0 {
+            // No table: the session holds fewer than `INDEX_FROM_ITEMS` items of this kind.
             return items.offsets().find(|&at| items.id_at(at) == Some(id));
         }
         self.0
-            .find(hasher.hash_one(id), |&at| items.id_at(at) == Some(id))
-            .copied()
+            .find(tag.table_hash(), |entry| {
+                entry.tag() == tag && items.id_at(entry.offset()) == Some(id)
+            })
+            .map(|entry| entry.offset())
     }
 
-    /// Notes the item just added at `offset`, building the table once the items are many.
-    fn added<K: ItemKind>(&mut self, items: &Items<K>, offset: usize, hasher: &RandomState) {
-        let hash_at = |at: &usize| hasher.hash_one(items.id_at(*at).unwrap_or_default());
-        if !self.0.is_empty() {
-            self.0.insert_unique(hash_at(&offset), offset, hash_at);
-        } else if items.len() >= INDEX_FROM_ITEMS {
-            for at in items.offsets() {
-                self.0.insert_unique(hash_at(&at), at, hash_at);
-            }
+    /// Notes the item just added at `offset`, when the table exists. An offset beyond
+    /// [`OFFSET_BITS`] is left out, so a repeat of that item would be stored again, not lost.
+    fn added(&mut self, offset: usize, tag: IdTag) {
+        if self.0.capacity() == 0 {
+            return;
         }
+        if let Some(entry) = IndexEntry::new(offset, tag) {
+            self.0
+                .insert_unique(tag.table_hash(), entry, IndexEntry::table_hash);
+        }
+    }
+}
+
+impl IndexEntry {
+    fn new(offset: usize, tag: IdTag) -> Option<Self> {
+        let offset = u64::try_from(offset).ok()?;
+        (offset >> OFFSET_BITS == 0).then(|| Self(offset | (u64::from(tag.0) << OFFSET_BITS)))
+    }
+
+    fn offset(self) -> usize {
+        // The offset came from a `usize`, so it fits one.
+        (self.0 & ((1 << OFFSET_BITS) - 1)) as usize
+    }
+
+    fn tag(self) -> IdTag {
+        IdTag((self.0 >> OFFSET_BITS) as u32)
+    }
+
+    fn table_hash(&self) -> u64 {
+        self.tag().table_hash()
+    }
+}
+
+impl IdTag {
+    fn of(id: &[u8], hasher: &RandomState) -> Self {
+        Self((hasher.hash_one(id) >> OFFSET_BITS) as u32)
+    }
+
+    /// Spreads the tag over 64 bits: the table picks a bucket from the low bits and keeps the top
+    /// seven in its control bytes, and both must vary with the tag.
+    fn table_hash(self) -> u64 {
+        u64::from(self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }
 
@@ -672,17 +739,21 @@ fn millis(duration: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::DeviceIdSources;
+    use crate::batch::{DeviceIdSources, Impression};
 
     const T0: i64 = 1_733_310_000_000;
     const MINUTE_MS: i64 = 60_000;
 
     fn store() -> (SessionStore, Arc<Mutex<Vec<ClosedSession>>>) {
+        store_with_max_items(10)
+    }
+
+    fn store_with_max_items(max_items: usize) -> (SessionStore, Arc<Mutex<Vec<ClosedSession>>>) {
         let closed = Arc::new(Mutex::new(Vec::new()));
         let limits = SessionLimits {
             timeout: Duration::from_secs(30 * 60),
             max_duration: Duration::from_secs(24 * 3600),
-            max_items: 10,
+            max_items,
         };
         (SessionStore::new(limits, Box::new(closed.clone())), closed)
     }
@@ -733,13 +804,7 @@ mod tests {
 
     #[test]
     fn duplicates_found_by_scan_and_index() {
-        let closed = Arc::new(Mutex::new(Vec::new()));
-        let limits = SessionLimits {
-            timeout: Duration::from_secs(30 * 60),
-            max_duration: Duration::from_secs(24 * 3600),
-            max_items: 100,
-        };
-        let store = SessionStore::new(limits, Box::new(closed.clone()));
+        let (store, closed) = store_with_max_items(100);
         let ids = |range: std::ops::Range<usize>| -> Vec<String> {
             range.map(|n| format!("i-{n}")).collect()
         };
@@ -753,7 +818,7 @@ mod tests {
         // Below the index threshold, duplicates are found by a scan.
         let first = send(&ids(0..5));
         assert_eq!((first.impressions, first.duplicates()), (5, 0));
-        // This batch crosses the threshold and builds the index part way.
+        // This batch takes the session past the threshold, so the index is built before it.
         let second = send(&ids(3..12));
         assert_eq!((second.impressions, second.duplicates()), (7, 2));
         let mut third_ids = ids(11..14);
@@ -777,6 +842,74 @@ mod tests {
         assert_eq!(stored, expected);
         let feature = closed[0].events.iter().next().unwrap().unwrap().feature;
         assert_eq!(feature, Some("f-i-9"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Batches of ids drawn from a small set, so that repeats within and across batches are
+        /// common, store each id once in the order first seen, by scan and by index alike.
+        #[test]
+        fn every_id_is_stored_once(
+            batches in proptest::collection::vec(proptest::collection::vec(0..40u8, 0..25), 1..12)
+        ) {
+            let (store, closed) = store_with_max_items(100);
+            let mut expected: Vec<String> = Vec::new();
+            for ids in &batches {
+                let ids: Vec<String> = ids.iter().map(|n| format!("i-{n}")).collect();
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                let recorded = store
+                    .record(batch(&impressions("d", &ids), T0), ClientInfo::default())
+                    .unwrap();
+                let before = expected.len();
+                for id in ids {
+                    if !expected.iter().any(|seen| seen == id) {
+                        expected.push(id.to_owned());
+                    }
+                }
+                proptest::prop_assert_eq!(recorded.impressions, expected.len() - before);
+            }
+            store.close_all(CloseReason::Shutdown, T0);
+            let closed = closed.lock().unwrap();
+            proptest::prop_assert_eq!(closed.len(), 1);
+            let stored: Vec<&str> =
+                closed[0].impressions.iter().map(|i| i.unwrap().impression_id).collect();
+            proptest::prop_assert_eq!(stored, expected);
+        }
+    }
+
+    #[test]
+    fn index_entry_keeps_offset_and_tag() {
+        let tag = IdTag(0xab_cdef);
+        let entry = IndexEntry::new((1 << OFFSET_BITS) - 1, tag).unwrap();
+        assert_eq!((entry.offset(), entry.tag()), ((1 << OFFSET_BITS) - 1, tag));
+        assert!(IndexEntry::new(1 << OFFSET_BITS, tag).is_none());
+    }
+
+    #[test]
+    fn index_compares_ids_when_tags_agree() {
+        let hasher = RandomState::default();
+        let items: Impressions = ["a", "b"]
+            .into_iter()
+            .map(|id| Impression {
+                impression_id: id.into(),
+                feature: "f".into(),
+                time_ms: T0,
+                client_time_ms: None,
+                args: StringMap::default(),
+                outputs: StringMap::default(),
+                variants: Vec::new(),
+            })
+            .collect();
+        let mut index = IdIndex::default();
+        index.prepare(&items, INDEX_FROM_ITEMS, &hasher);
+        let offsets: Vec<usize> = items.offsets().collect();
+        assert_eq!(
+            index.find(&items, b"b", IdTag::of(b"b", &hasher)),
+            Some(offsets[1])
+        );
+        // Another id with the same tag is not a match.
+        assert_eq!(index.find(&items, b"c", IdTag::of(b"a", &hasher)), None);
     }
 
     #[test]
