@@ -1,11 +1,12 @@
 //! The impressions and events of a session, held as their Avro binary encoding.
 //!
-//! A session keeps its impressions in one byte buffer and its events in another. Each item is
-//! stored as the bytes it has inside the `impressions` or `events` array of the session record
-//! in `proto/session.avsc`. One buffer per array costs one allocation instead of one per string,
-//! and a session's memory stays close to its encoded size. The writer reads the items
-//! back as borrowed strings and writes them through the schema-aware serializer, so the schema
-//! still checks every record.
+//! A session keeps its impressions in one list of byte chunks and its events in another. Each
+//! item is stored as the bytes it has inside the `impressions` or `events` array of the session
+//! record in `proto/session.avsc`, whole inside one chunk. A few chunks per array cost a few
+//! allocations instead of one per string, and a session's memory stays close to its encoded
+//! size. A full chunk is never grown: the next item starts a new one, so items are never copied
+//! after they are written. The writer reads the items back as borrowed strings and writes them
+//! through the schema-aware serializer, so the schema still checks every record.
 //!
 //! An item is added only after its batch passed validation, and the bytes are read only by this
 //! module, so a decoding error means a defect here. It is reported as an error, never a panic.
@@ -17,13 +18,34 @@ use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct, Serial
 
 use crate::batch::{Event, Impression, StringMap, Text};
 
-/// Stored items of one kind: each one's Avro encoding, back to back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Stored items of one kind: each one's Avro encoding, back to back across chunks.
+///
+/// An item's offset counts the bytes of every item before it, as if the chunks were one buffer.
+#[derive(Debug, Clone)]
 pub struct Items<K> {
-    bytes: Vec<u8>,
+    /// The first chunk, sized for the first batch. Most sessions need no other.
+    first: Vec<u8>,
+    /// The chunks after the first, boxed so that sessions without them pay one pointer.
+    later: Option<Box<LaterChunks>>,
     len: usize,
     kind: PhantomData<K>,
 }
+
+/// Chunks after the first, in order.
+#[derive(Debug, Clone, Default)]
+struct LaterChunks(Vec<Chunk>);
+
+/// A chunk after the first, with the offset of its first byte.
+#[derive(Debug, Clone)]
+struct Chunk {
+    start: usize,
+    bytes: Vec<u8>,
+}
+
+/// Largest chunk allocated for items smaller than it. Chunks grow with the items stored, like a
+/// buffer that doubles, up to this size. It is below glibc's default threshold (128 KiB) from
+/// which an allocation gets its own memory mapping.
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The impressions of one session.
 pub type Impressions = Items<ImpressionKind>;
@@ -98,9 +120,61 @@ pub struct ListView<'a> {
 impl<K> Default for Items<K> {
     fn default() -> Self {
         Self {
-            bytes: Vec::new(),
+            first: Vec::new(),
+            later: None,
             len: 0,
             kind: PhantomData,
+        }
+    }
+}
+
+/// Equal when they hold the same items, however the items fall into chunks.
+impl<K> PartialEq for Items<K> {
+    fn eq(&self, other: &Self) -> bool {
+        let bytes = |items: &Self| {
+            let chunks = items.chunks().map(|(_, bytes)| bytes);
+            chunks.flatten().copied().collect::<Vec<u8>>()
+        };
+        self.len == other.len && bytes(self) == bytes(other)
+    }
+}
+
+impl<K> Eq for Items<K> {}
+
+impl<K> Items<K> {
+    /// Returns each chunk with the offset of its first byte.
+    fn chunks(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        let later = self.later.iter().flat_map(|later| &later.0);
+        std::iter::once((0, self.first.as_slice()))
+            .chain(later.map(|chunk| (chunk.start, chunk.bytes.as_slice())))
+    }
+
+    /// Returns the chunk that contains `offset` and the offset of its first byte.
+    fn chunk_at(&self, offset: usize) -> (usize, &[u8]) {
+        let Some(later) = self.later.as_ref().filter(|_| offset >= self.first.len()) else {
+            return (0, &self.first);
+        };
+        // The last chunk that starts at or before `offset`.
+        let index = later.0.partition_point(|chunk| chunk.start <= offset);
+        match index.checked_sub(1).map(|index| &later.0[index]) {
+            Some(chunk) => (chunk.start, &chunk.bytes),
+            None => (0, &self.first),
+        }
+    }
+
+    /// Returns the bytes of every item written so far.
+    fn written_bytes(&self) -> usize {
+        match self.later.as_ref().and_then(|later| later.0.last()) {
+            Some(chunk) => chunk.start + chunk.bytes.len(),
+            None => self.first.len(),
+        }
+    }
+
+    /// Returns the chunk that the next item goes into.
+    fn tail(&mut self) -> &mut Vec<u8> {
+        match self.later.as_mut().and_then(|later| later.0.last_mut()) {
+            Some(chunk) => &mut chunk.bytes,
+            None => &mut self.first,
         }
     }
 }
@@ -118,56 +192,103 @@ impl<K: ItemKind> Items<K> {
 
     /// Returns the bytes allocated for the items.
     pub fn heap_bytes(&self) -> usize {
-        self.bytes.capacity()
+        let later = self.later.as_ref().map_or(0, |later| {
+            let chunks = later.0.iter().map(|chunk| chunk.bytes.capacity());
+            std::mem::size_of::<LaterChunks>()
+                + later.0.capacity() * std::mem::size_of::<Chunk>()
+                + chunks.sum::<usize>()
+        });
+        self.first.capacity() + later
     }
 
     /// Returns the id of the item at `offset`, as raw bytes: the id is the first field of both
     /// records.
     pub fn id_at(&self, offset: usize) -> Option<&[u8]> {
-        Reader::at(&self.bytes, offset).bytes().ok()
+        let (start, bytes) = self.chunk_at(offset);
+        Reader::at(bytes, offset - start).bytes().ok()
     }
 
     /// Returns the offset of each item in the order added, stopping at the first that fails.
     pub fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
-        let mut at = 0;
-        (0..self.len).map_while(move |_| {
-            let start = at;
-            K::read(&self.bytes, &mut at).ok().map(|_| start)
-        })
+        self.read_all()
+            .map_while(|(start, item)| item.ok().map(|_| start))
     }
 
     /// Returns every item in the order added, stopping after the first error.
     pub fn iter(&self) -> impl Iterator<Item = Result<K::View<'_>, CorruptItems>> {
-        let mut at = 0;
         let mut failed = false;
-        (0..self.len).map_while(move |_| {
+        self.read_all().map_while(move |(_, item)| {
             if failed {
                 return None;
             }
-            let item = K::read(&self.bytes, &mut at);
             failed = item.is_err();
             Some(item)
         })
     }
 
-    /// Reserves exactly the bytes that `encode` counts when the buffer is empty, so a session's
-    /// first batch allocates once. Later batches grow the buffer by doubling as they append, so
-    /// they skip the counting pass.
+    /// Reads the items chunk by chunk, each with its offset. A chunk that ends inside an item
+    /// gives an error, and so does a count of items that the chunks do not hold.
+    fn read_all(&self) -> impl Iterator<Item = (usize, Result<K::View<'_>, CorruptItems>)> {
+        let end = self.written_bytes();
+        let mut chunks = self.chunks();
+        let mut current = chunks.next();
+        let mut at = 0;
+        (0..self.len).map(move |_| {
+            while current.is_some_and(|(_, bytes)| at >= bytes.len()) {
+                current = chunks.next();
+                at = 0;
+            }
+            let Some((start, bytes)) = current else {
+                return (end, Err(CorruptItems { at: end }));
+            };
+            let offset = start + at;
+            let item = K::read(bytes, &mut at).map_err(|err| CorruptItems { at: start + err.at });
+            (offset, item)
+        })
+    }
+
+    /// Reserves exactly the bytes that `encode` counts when no item was written yet, so a
+    /// session's first batch allocates once. Later batches skip the counting pass: the items
+    /// that do not fit start new chunks.
     fn reserve_counted(&mut self, encode: impl FnOnce(&mut Counter)) {
-        if !self.bytes.is_empty() {
+        if self.len > 0 {
             return;
         }
         let mut counter = Counter(0);
         encode(&mut counter);
-        self.bytes.reserve_exact(counter.0);
+        self.first.reserve_exact(counter.0);
     }
 
-    /// Appends the item that `encode` writes and returns its offset.
-    fn append(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
-        let at = self.bytes.len();
-        encode(&mut self.bytes);
+    /// Appends `item` and returns its offset. An item that does not fit the room left in the
+    /// last chunk goes whole into a new chunk.
+    fn append(&mut self, item: &impl Encode) -> usize {
+        let offset = self.written_bytes();
         self.len += 1;
-        at
+        let tail = self.tail();
+        let filled = tail.len();
+        let mut room = Room {
+            chunk: tail,
+            full: false,
+        };
+        item.encode(&mut room);
+        if !room.full {
+            return offset;
+        }
+        tail.truncate(filled);
+        let mut counter = Counter(0);
+        item.encode(&mut counter);
+        let mut bytes = Vec::with_capacity(counter.0.max(offset.min(MAX_CHUNK_BYTES)));
+        item.encode(&mut bytes);
+        if offset == 0 {
+            self.first = bytes;
+        } else {
+            let later = self.later.get_or_insert_with(Box::default);
+            later.0.push(Chunk {
+                start: offset,
+                bytes,
+            });
+        }
+        offset
     }
 }
 
@@ -176,19 +297,20 @@ impl Items<ImpressionKind> {
     pub fn reserve_for(&mut self, items: &[Impression<'_>]) {
         self.reserve_counted(|counter| {
             for item in items {
-                put_impression(counter, item);
+                item.encode(counter);
             }
         });
     }
 
     /// Appends `item` and returns its offset, which [`id_at`](Self::id_at) takes.
     pub fn push(&mut self, item: &Impression<'_>) -> usize {
-        self.append(|out| put_impression(out, item))
+        self.append(item)
     }
 
     /// Returns the feature of the impression at `offset`.
     pub fn feature_at(&self, offset: usize) -> Option<&str> {
-        let mut reader = Reader::at(&self.bytes, offset);
+        let (start, bytes) = self.chunk_at(offset);
+        let mut reader = Reader::at(bytes, offset - start);
         reader.bytes().ok()?;
         reader.text().ok()
     }
@@ -199,14 +321,14 @@ impl Items<EventKind> {
     pub fn reserve_for(&mut self, items: &[Event<'_>]) {
         self.reserve_counted(|counter| {
             for item in items {
-                put_event(counter, item, None);
+                EventWithFeature(item, None).encode(counter);
             }
         });
     }
 
     /// Appends `item`, with `feature` where the event names none, and returns its offset.
     pub fn push(&mut self, item: &Event<'_>, feature: Option<&str>) -> usize {
-        self.append(|out| put_event(out, item, feature))
+        self.append(&EventWithFeature(item, feature))
     }
 }
 
@@ -308,6 +430,43 @@ struct Counter(usize);
 impl Output for Counter {
     fn put(&mut self, bytes: &[u8]) {
         self.0 += bytes.len();
+    }
+}
+
+/// Writes into the room left in a chunk and notes when bytes do not fit, so that the chunk is
+/// never reallocated.
+struct Room<'a> {
+    chunk: &'a mut Vec<u8>,
+    full: bool,
+}
+
+impl Output for Room<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if self.full || self.chunk.capacity() - self.chunk.len() < bytes.len() {
+            self.full = true;
+        } else {
+            self.chunk.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// An item that writes its Avro encoding.
+trait Encode {
+    fn encode(&self, out: &mut impl Output);
+}
+
+impl Encode for Impression<'_> {
+    fn encode(&self, out: &mut impl Output) {
+        put_impression(out, self);
+    }
+}
+
+/// An event and the feature it takes where it names none.
+struct EventWithFeature<'a, 'b>(&'a Event<'b>, Option<&'a str>);
+
+impl Encode for EventWithFeature<'_, '_> {
+    fn encode(&self, out: &mut impl Output) {
+        put_event(out, self.0, self.1);
     }
 }
 
@@ -637,7 +796,8 @@ mod tests {
         for item in &items {
             stored.push(item);
         }
-        assert_eq!(stored.heap_bytes(), stored.bytes.len());
+        assert_eq!(stored.heap_bytes(), stored.first.len());
+        assert!(stored.later.is_none());
     }
 
     #[test]
@@ -684,10 +844,71 @@ mod tests {
     fn truncated_bytes_give_errors() {
         let mut stored = Impressions::default();
         stored.push(&impression("a", &[("k", "v")]));
-        let full = stored.bytes.clone();
+        let full = stored.first.clone();
         for cut in 0..full.len() {
-            stored.bytes = full[..cut].to_vec();
+            stored.first = full[..cut].to_vec();
             assert!(stored.iter().any(|item| item.is_err()), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn later_items_start_new_chunks() {
+        let ids: Vec<String> = (0..300).map(|n| format!("i-{n}")).collect();
+        let items: Vec<Impression<'_>> = ids.iter().map(|id| impression(id, &[])).collect();
+        let mut stored = Impressions::default();
+        stored.reserve_for(&items[..2]);
+        let mut offsets = Vec::new();
+        let mut chunk_addresses = Vec::new();
+        for item in &items {
+            offsets.push(stored.push(item));
+            chunk_addresses.push(stored.tail().as_ptr());
+        }
+        let later = stored.later.as_ref().unwrap();
+        assert!(later.0.len() > 2, "{} later chunks", later.0.len());
+
+        // Chunks were never reallocated: every chunk still has the address it had when its
+        // items were written.
+        let addresses: Vec<*const u8> = stored.chunks().map(|(_, bytes)| bytes.as_ptr()).collect();
+        assert!(
+            chunk_addresses
+                .iter()
+                .all(|address| addresses.contains(address))
+        );
+        assert_eq!(stored.offsets().collect::<Vec<_>>(), offsets);
+        for (id, &offset) in ids.iter().zip(&offsets) {
+            assert_eq!(stored.id_at(offset), Some(id.as_bytes()));
+            assert_eq!(stored.feature_at(offset), Some("Box"));
+        }
+        let read: Vec<&str> = stored
+            .iter()
+            .map(|item| item.unwrap().impression_id)
+            .collect();
+        assert_eq!(read, ids);
+
+        // The same items in one chunk are equal. The room left is at most what was written.
+        let whole: Impressions = items.iter().cloned().collect();
+        let mut exact = Impressions::default();
+        exact.reserve_for(&items);
+        items.iter().for_each(|item| _ = exact.push(item));
+        assert!(exact.later.is_none());
+        assert_eq!(stored, exact);
+        assert_eq!(whole, exact);
+        let written = exact.first.len();
+        assert!(
+            stored.heap_bytes() <= 2 * written + 1024,
+            "{}",
+            stored.heap_bytes()
+        );
+    }
+
+    #[test]
+    fn missing_items_give_errors() {
+        let mut stored = Impressions::default();
+        stored.push(&impression("a", &[]));
+        stored.len = 2;
+        let read: Vec<_> = stored.iter().collect();
+        assert_eq!(read.len(), 2);
+        assert!(read[0].is_ok());
+        assert!(read[1].is_err());
     }
 }

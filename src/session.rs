@@ -544,7 +544,7 @@ impl Session {
             .prepare(&self.impressions, batch.impressions.len(), hasher);
         for impression in &batch.impressions {
             let id = impression.impression_id.as_bytes();
-            let tag = IdTag::of(id, hasher);
+            let tag = self.impression_index.tag(id, hasher);
             if self
                 .impression_index
                 .find(&self.impressions, id, tag)
@@ -563,7 +563,7 @@ impl Session {
             .prepare(&self.events, batch.events.len(), hasher);
         for event in &batch.events {
             let id = event.event_id.as_bytes();
-            let tag = IdTag::of(id, hasher);
+            let tag = self.event_index.tag(id, hasher);
             if self.event_index.find(&self.events, id, tag).is_some() {
                 recorded.duplicate_events += 1;
                 continue;
@@ -571,7 +571,7 @@ impl Session {
             let feature = match (&event.feature, event.impression_id.as_deref()) {
                 (None, Some(impression_id)) => {
                     let impression_id = impression_id.as_bytes();
-                    let tag = IdTag::of(impression_id, hasher);
+                    let tag = self.impression_index.tag(impression_id, hasher);
                     self.impression_index
                         .find(&self.impressions, impression_id, tag)
                         .and_then(|at| self.impressions.feature_at(at))
@@ -653,10 +653,20 @@ impl IdIndex {
         }
     }
 
+    /// Returns the tag of `id` for [`find`](Self::find) and [`added`](Self::added). Without a
+    /// table both ignore it, so it is not computed.
+    fn tag(&self, id: &[u8], hasher: &RandomState) -> IdTag {
+        if self.0.capacity() == 0 {
+            IdTag(0)
+        } else {
+            IdTag::of(id, hasher)
+        }
+    }
+
     /// Returns the offset of the item with `id` in `items`, if there is one.
     fn find<K: ItemKind>(&self, items: &Items<K>, id: &[u8], tag: IdTag) -> Option<usize> {
         if self.0.capacity() == 0 {
-            // No table: the session holds fewer than `INDEX_FROM_ITEMS` items of this kind.
+            // No table: the session has fewer than `INDEX_FROM_ITEMS` items of this kind.
             return items.offsets().find(|&at| items.id_at(at) == Some(id));
         }
         self.0

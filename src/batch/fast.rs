@@ -18,7 +18,7 @@ use serde::de::Visitor;
 
 use super::{
     BatchBody, BodyText, ContextBody, EventBody, ImpressionBody, Object, StringMap, Text,
-    Timestamp, TimestampVisitor, ValueText, ValueTextVisitor, dedup_keys,
+    Timestamp, TimestampVisitor, dedup_keys,
 };
 
 /// Parses `text` as a batch; `None` where serde must decide.
@@ -172,6 +172,33 @@ impl<'a> Parser<'a> {
         visited.ok()
     }
 
+    /// Reads a number as the text serde_json writes for it, borrowed from the body when the body
+    /// has that text already, as it has for an integer and for most decimals.
+    fn number_text(&mut self) -> Option<Text<'a>> {
+        let (text, integer) = self.number()?;
+        // serde_json reads `-0` as the float -0.0, so leave it to serde_json.
+        if text == "-0" {
+            return None;
+        }
+        if integer {
+            // JSON has no leading zeros, so an integer that fits is written back as its digits.
+            let fits = text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok();
+            return fits.then_some(Cow::Borrowed(text));
+        }
+        let value = serde_json::from_str::<f64>(text).ok()?;
+        if !value.is_finite() {
+            return None;
+        }
+        // The shortest text that reads back as the same float, as serde_json writes it.
+        let mut buffer = zmij::Buffer::new();
+        let written = buffer.format_finite(value);
+        Some(if written == text {
+            Cow::Borrowed(text)
+        } else {
+            Cow::Owned(written.to_owned())
+        })
+    }
+
     fn timestamp(&mut self) -> Option<Option<Timestamp>> {
         if self.null() {
             return Some(None);
@@ -253,10 +280,7 @@ impl<'a> Parser<'a> {
             b't' if self.eat_word("true") => Cow::Borrowed("true"),
             b'f' if self.eat_word("false") => Cow::Borrowed("false"),
             b'n' if self.null() => Cow::Borrowed("null"),
-            b'-' | b'0'..=b'9' => {
-                let ValueText(text) = self.visit_number(ValueTextVisitor)?;
-                text
-            }
+            b'-' | b'0'..=b'9' => self.number_text()?,
             _ => return None,
         };
         Some(text)
@@ -423,6 +447,12 @@ mod tests {
         "1e2",
         "1.5E-3",
         "-1.25",
+        "1.50",
+        "100.0",
+        "0.1",
+        "1E2",
+        "5e-324",
+        "1.7976931348623157e308",
         "-0.0",
         "18446744073709551615",
         "18446744073709551616",
