@@ -317,11 +317,16 @@ impl Items<ImpressionKind> {
 }
 
 impl Items<EventKind> {
-    /// Reserves room for `items` when they are the first.
-    pub fn reserve_for(&mut self, items: &[Event<'_>]) {
+    /// Reserves room for `items` when they are the first, each with the feature that `feature`
+    /// gives it, as [`push`](Self::push) will store it.
+    pub fn reserve_for<'f>(
+        &mut self,
+        items: &[Event<'_>],
+        feature: impl Fn(&Event<'_>) -> Option<&'f str>,
+    ) {
         self.reserve_counted(|counter| {
             for item in items {
-                EventWithFeature(item, None).encode(counter);
+                EventWithFeature(item, feature(item)).encode(counter);
             }
         });
     }
@@ -798,6 +803,27 @@ mod tests {
         }
         assert_eq!(stored.heap_bytes(), stored.first.len());
         assert!(stored.later.is_none());
+    }
+
+    #[test]
+    fn first_events_are_reserved_with_features() {
+        let event = Event {
+            event_id: "e".into(),
+            name: "Click".into(),
+            time_ms: 1,
+            client_time_ms: None,
+            impression_id: Some("a".into()),
+            feature: None,
+            fields: StringMap::default(),
+        };
+        let events = [event.clone(), event];
+        let mut stored = Events::default();
+        stored.reserve_for(&events, |_| Some("Box"));
+        for event in &events {
+            stored.push(event, Some("Box"));
+        }
+        assert!(stored.later.is_none());
+        assert_eq!(stored.heap_bytes(), stored.first.len());
     }
 
     #[test]

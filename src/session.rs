@@ -22,7 +22,7 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use uuid::Uuid;
 
-use crate::batch::{Batch, Context, StringMap, Text, owned};
+use crate::batch::{Batch, Context, Event, StringMap, Text, owned};
 use crate::items::{Events, Impressions, ItemKind, Items};
 use crate::metrics::Metrics;
 
@@ -558,7 +558,20 @@ impl Session {
             recorded.impressions += 1;
         }
 
-        self.events.reserve_for(&batch.events);
+        // An event that names no feature takes the feature of its impression.
+        let impressions = &self.impressions;
+        let impression_index = &self.impression_index;
+        let feature = |event: &Event<'_>| match (&event.feature, event.impression_id.as_deref()) {
+            (None, Some(impression_id)) => {
+                let impression_id = impression_id.as_bytes();
+                let tag = impression_index.tag(impression_id, hasher);
+                impression_index
+                    .find(impressions, impression_id, tag)
+                    .and_then(|at| impressions.feature_at(at))
+            }
+            _ => None,
+        };
+        self.events.reserve_for(&batch.events, feature);
         self.event_index
             .prepare(&self.events, batch.events.len(), hasher);
         for event in &batch.events {
@@ -568,17 +581,7 @@ impl Session {
                 recorded.duplicate_events += 1;
                 continue;
             }
-            let feature = match (&event.feature, event.impression_id.as_deref()) {
-                (None, Some(impression_id)) => {
-                    let impression_id = impression_id.as_bytes();
-                    let tag = self.impression_index.tag(impression_id, hasher);
-                    self.impression_index
-                        .find(&self.impressions, impression_id, tag)
-                        .and_then(|at| self.impressions.feature_at(at))
-                }
-                _ => None,
-            };
-            let at = self.events.push(event, feature);
+            let at = self.events.push(event, feature(event));
             self.event_index.added(at, tag);
             recorded.events += 1;
         }
