@@ -44,8 +44,11 @@ SESSION_EVENTS = 3
 
 def main():
     args = parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "impression-server",
-                    "--example", "floor"], cwd=ROOT, check=True)
+    log("building release binaries (a few minutes the first time)")
+    # Two builds: one that includes an example also enables the features of the development
+    # dependencies, so the server would not be the binary that users build.
+    for target in (["--bin", "impression-server"], ["--example", "floor"]):
+        subprocess.run(["cargo", "build", "--release", "--quiet", *target], cwd=ROOT, check=True)
     release = ROOT / "target" / "release"
     server_bin, floor_bin = release / "impression-server", release / "examples" / "floor"
 
