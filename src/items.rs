@@ -142,29 +142,34 @@ impl<K> PartialEq for Items<K> {
 impl<K> Eq for Items<K> {}
 
 impl<K> Items<K> {
+    /// Returns the chunks after the first.
+    fn later_chunks(&self) -> &[Chunk] {
+        self.later.as_deref().map_or(&[], |later| &later.0)
+    }
+
     /// Returns each chunk with the offset of its first byte.
     fn chunks(&self) -> impl Iterator<Item = (usize, &[u8])> {
-        let later = self.later.iter().flat_map(|later| &later.0);
+        let later = self.later_chunks().iter();
         std::iter::once((0, self.first.as_slice()))
             .chain(later.map(|chunk| (chunk.start, chunk.bytes.as_slice())))
     }
 
     /// Returns the chunk that contains `offset` and the offset of its first byte.
     fn chunk_at(&self, offset: usize) -> (usize, &[u8]) {
-        let Some(later) = self.later.as_ref().filter(|_| offset >= self.first.len()) else {
-            return (0, &self.first);
-        };
-        // The last chunk that starts at or before `offset`.
-        let index = later.0.partition_point(|chunk| chunk.start <= offset);
-        match index.checked_sub(1).map(|index| &later.0[index]) {
-            Some(chunk) => (chunk.start, &chunk.bytes),
+        let later = self.later_chunks();
+        // The last later chunk that starts at or before `offset`, else the first chunk.
+        match later
+            .partition_point(|chunk| chunk.start <= offset)
+            .checked_sub(1)
+        {
+            Some(index) => (later[index].start, &later[index].bytes),
             None => (0, &self.first),
         }
     }
 
     /// Returns the bytes of every item written so far.
     fn written_bytes(&self) -> usize {
-        match self.later.as_ref().and_then(|later| later.0.last()) {
+        match self.later_chunks().last() {
             Some(chunk) => chunk.start + chunk.bytes.len(),
             None => self.first.len(),
         }
@@ -192,13 +197,15 @@ impl<K: ItemKind> Items<K> {
 
     /// Returns the bytes allocated for the items.
     pub fn heap_bytes(&self) -> usize {
-        let later = self.later.as_ref().map_or(0, |later| {
-            let chunks = later.0.iter().map(|chunk| chunk.bytes.capacity());
-            std::mem::size_of::<LaterChunks>()
-                + later.0.capacity() * std::mem::size_of::<Chunk>()
-                + chunks.sum::<usize>()
+        let list = self.later.as_ref().map_or(0, |later| {
+            std::mem::size_of::<LaterChunks>() + later.0.capacity() * std::mem::size_of::<Chunk>()
         });
-        self.first.capacity() + later
+        let chunks: usize = self
+            .later_chunks()
+            .iter()
+            .map(|chunk| chunk.bytes.capacity())
+            .sum();
+        self.first.capacity() + list + chunks
     }
 
     /// Returns the id of the item at `offset`, as raw bytes: the id is the first field of both
@@ -769,6 +776,19 @@ mod tests {
         }
     }
 
+    /// Returns a click on impression `a` that names no feature.
+    fn click_on_a() -> Event<'static> {
+        Event {
+            event_id: "e".into(),
+            name: "Click".into(),
+            time_ms: 1,
+            client_time_ms: None,
+            impression_id: Some("a".into()),
+            feature: None,
+            fields: StringMap::default(),
+        }
+    }
+
     #[test]
     fn impressions_read_back_as_written() {
         let mut stored = Impressions::default();
@@ -807,16 +827,7 @@ mod tests {
 
     #[test]
     fn first_events_are_reserved_with_features() {
-        let event = Event {
-            event_id: "e".into(),
-            name: "Click".into(),
-            time_ms: 1,
-            client_time_ms: None,
-            impression_id: Some("a".into()),
-            feature: None,
-            fields: StringMap::default(),
-        };
-        let events = [event.clone(), event];
+        let events = [click_on_a(), click_on_a()];
         let mut stored = Events::default();
         stored.reserve_for(&events, |_| Some("Box"));
         for event in &events {
@@ -828,15 +839,7 @@ mod tests {
 
     #[test]
     fn event_feature_fills_only_missing() {
-        let mut event = Event {
-            event_id: "e".into(),
-            name: "Click".into(),
-            time_ms: 1,
-            client_time_ms: None,
-            impression_id: Some("a".into()),
-            feature: None,
-            fields: StringMap::default(),
-        };
+        let mut event = click_on_a();
         let mut stored = Events::default();
         stored.push(&event, Some("Box"));
         event.feature = Some("Own".into());

@@ -786,6 +786,14 @@ mod tests {
         )
     }
 
+    /// Returns the ids of a closed session's impressions, in stored order.
+    fn impression_ids(session: &ClosedSession) -> Vec<&str> {
+        let impressions = session.impressions.iter();
+        impressions
+            .map(|item| item.unwrap().impression_id)
+            .collect()
+    }
+
     #[test]
     fn duplicates_are_stored_once() {
         let (store, closed) = store();
@@ -807,12 +815,7 @@ mod tests {
 
         store.close_all(CloseReason::Shutdown, T0 + 2);
         let closed = closed.lock().unwrap();
-        let ids: Vec<&str> = closed[0]
-            .impressions
-            .iter()
-            .map(|i| i.unwrap().impression_id)
-            .collect();
-        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(impression_ids(&closed[0]), ["a", "b", "c"]);
     }
 
     #[test]
@@ -846,13 +849,7 @@ mod tests {
 
         store.close_all(CloseReason::Shutdown, T0);
         let closed = closed.lock().unwrap();
-        let stored: Vec<&str> = closed[0]
-            .impressions
-            .iter()
-            .map(|i| i.unwrap().impression_id)
-            .collect();
-        let expected = ids(0..14);
-        assert_eq!(stored, expected);
+        assert_eq!(impression_ids(&closed[0]), ids(0..14));
         let feature = closed[0].events.iter().next().unwrap().unwrap().feature;
         assert_eq!(feature, Some("f-i-9"));
     }
@@ -885,9 +882,7 @@ mod tests {
             store.close_all(CloseReason::Shutdown, T0);
             let closed = closed.lock().unwrap();
             proptest::prop_assert_eq!(closed.len(), 1);
-            let stored: Vec<&str> =
-                closed[0].impressions.iter().map(|i| i.unwrap().impression_id).collect();
-            proptest::prop_assert_eq!(stored, expected);
+            proptest::prop_assert_eq!(impression_ids(&closed[0]), expected);
         }
     }
 

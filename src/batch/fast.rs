@@ -39,6 +39,14 @@ struct Parser<'a> {
     at: usize,
 }
 
+/// A JSON number as serde_json reads it.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Unsigned(u64),
+    Signed(i64),
+    Float(f64),
+}
+
 /// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
 fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
@@ -150,24 +158,30 @@ impl<'a> Parser<'a> {
         Some((self.text.get(start..self.at)?, integer))
     }
 
-    /// Hands a number to `visitor` the way serde_json does: an integer that fits as `u64` or
-    /// `i64`, anything else as the `f64` serde_json itself reads from the text.
-    fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
+    /// Reads a number as serde_json reads it: an integer that fits as `u64` or `i64`, anything
+    /// else as the `f64` serde_json itself reads from the text. Returns it with its text.
+    fn json_number(&mut self) -> Option<(&'a str, Number)> {
         let (text, integer) = self.number()?;
         // serde_json reads `-0` as the float -0.0, so leave it to serde_json.
         if text == "-0" {
             return None;
         }
-        let visited: Result<V::Value, serde_json::Error> = if integer {
-            if let Ok(value) = text.parse::<u64>() {
-                visitor.visit_u64(value)
-            } else if let Ok(value) = text.parse::<i64>() {
-                visitor.visit_i64(value)
-            } else {
-                return None;
-            }
+        let number = if !integer {
+            Number::Float(serde_json::from_str::<f64>(text).ok()?)
+        } else if let Ok(value) = text.parse::<u64>() {
+            Number::Unsigned(value)
         } else {
-            visitor.visit_f64(serde_json::from_str::<f64>(text).ok()?)
+            Number::Signed(text.parse::<i64>().ok()?)
+        };
+        Some((text, number))
+    }
+
+    /// Hands a number to `visitor` the way serde_json does.
+    fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
+        let visited: Result<V::Value, serde_json::Error> = match self.json_number()?.1 {
+            Number::Unsigned(value) => visitor.visit_u64(value),
+            Number::Signed(value) => visitor.visit_i64(value),
+            Number::Float(value) => visitor.visit_f64(value),
         };
         visited.ok()
     }
@@ -175,17 +189,11 @@ impl<'a> Parser<'a> {
     /// Reads a number as the text serde_json writes for it, borrowed from the body when the body
     /// has that text already, as it has for an integer and for most decimals.
     fn number_text(&mut self) -> Option<Text<'a>> {
-        let (text, integer) = self.number()?;
-        // serde_json reads `-0` as the float -0.0, so leave it to serde_json.
-        if text == "-0" {
-            return None;
-        }
-        if integer {
+        let (text, number) = self.json_number()?;
+        let Number::Float(value) = number else {
             // JSON has no leading zeros, so an integer that fits is written back as its digits.
-            let fits = text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok();
-            return fits.then_some(Cow::Borrowed(text));
-        }
-        let value = serde_json::from_str::<f64>(text).ok()?;
+            return Some(Cow::Borrowed(text));
+        };
         if !value.is_finite() {
             return None;
         }
