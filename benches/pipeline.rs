@@ -51,7 +51,7 @@ fn page_body(device: usize, impressions: usize) -> String {
     nth_page_body(device, 0, impressions)
 }
 
-/// Returns the body of page `page` of a visit; its impression ids differ from other pages'.
+/// Returns the body of page `page` of a visit. Its impression ids differ from other pages' ids.
 fn nth_page_body(device: usize, page: usize, impressions: usize) -> String {
     let items: Vec<String> = (0..impressions)
         .map(|i| {

@@ -641,8 +641,8 @@ impl Session {
 
 impl IdIndex {
     /// Builds the table before a batch of `incoming` items takes the session to
-    /// `INDEX_FROM_ITEMS`, and makes room in it for the batch, so that the table grows at most
-    /// once a batch.
+    /// `INDEX_FROM_ITEMS`, and reserves room for the whole batch, so that inserting the batch
+    /// never grows the table.
     fn prepare<K: ItemKind>(&mut self, items: &Items<K>, incoming: usize, hasher: &RandomState) {
         if self.0.capacity() > 0 {
             self.0.reserve(incoming, IndexEntry::table_hash);
@@ -857,8 +857,8 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-        /// Batches of ids drawn from a small set, so that repeats within and across batches are
-        /// common, store each id once in the order first seen, by scan and by index alike.
+        /// Batches store each id once, in the order first seen, by scan and by index alike. The
+        /// ids come from a small set, so repeats within and across batches are common.
         #[test]
         fn every_id_is_stored_once(
             batches in proptest::collection::vec(proptest::collection::vec(0..40u8, 0..25), 1..12)
