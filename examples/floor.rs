@@ -2,7 +2,7 @@
 //!
 //! It reads the whole body and responds `200` with a fixed body shaped like the real response,
 //! on the same stack as the real server (axum, hyper, a multi-threaded tokio runtime), and does
-//! nothing else. It keeps the system allocator. Load benchmarks compare the real server's
+//! nothing else. It uses the server's allocator. Load benchmarks compare the real server's
 //! throughput against it in the same run.
 //!
 //! ```text
@@ -18,6 +18,10 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+
+// The same allocator as the server, so that the comparison measures the work, not the allocator.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Same shape and length as a real response, so both servers send the same bytes back.
 const RESPONSE_BODY: &str = r#"{"sessionId":"0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","accepted":{"impressions":20,"events":0},"duplicates":0}"#;

@@ -47,6 +47,52 @@ enum Number {
     Float(f64),
 }
 
+/// Reads the text of a JSON number as serde_json does: an integer that fits as `u64` or `i64`,
+/// anything else as the `f64` serde_json itself reads from the text.
+fn read_number(text: &str, integer: bool) -> Option<Number> {
+    // serde_json reads `-0` as the float -0.0, so leave it to serde_json.
+    if text == "-0" {
+        return None;
+    }
+    Some(if !integer {
+        Number::Float(serde_json::from_str::<f64>(text).ok()?)
+    } else if let Ok(value) = text.parse::<u64>() {
+        Number::Unsigned(value)
+    } else {
+        Number::Signed(text.parse::<i64>().ok()?)
+    })
+}
+
+/// Returns whether `text`, a JSON number with a fraction, is already the text serde_json writes
+/// for it, so that it needs no reading and formatting: no exponent, no trailing zero, a
+/// magnitude from 0.1 up, and at most 15 significant digits. serde_json reads such a number
+/// exactly rounded, and no shorter or other text of at most 15 digits reads as the same `f64`
+/// (15 is `DBL_DIG` of C's float.h), so the shortest text that reads back is this one.
+fn is_shortest_decimal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let Some((whole, fraction)) = digits.split_once('.') else {
+        return false;
+    };
+    if fraction.is_empty() || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
+        return false;
+    }
+    if fraction.ends_with('0') {
+        return false;
+    }
+    let significant = if whole == "0" {
+        if fraction.starts_with('0') {
+            return false;
+        }
+        fraction.len()
+    } else {
+        whole.len() + fraction.len()
+    };
+    significant <= SHORTEST_DECIMAL_DIGITS
+}
+
+/// Significant digits that every `f64` keeps through a decimal round trip.
+const SHORTEST_DECIMAL_DIGITS: usize = 15;
+
 /// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
 fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
@@ -162,18 +208,7 @@ impl<'a> Parser<'a> {
     /// else as the `f64` serde_json itself reads from the text. Returns it with its text.
     fn json_number(&mut self) -> Option<(&'a str, Number)> {
         let (text, integer) = self.number()?;
-        // serde_json reads `-0` as the float -0.0, so leave it to serde_json.
-        if text == "-0" {
-            return None;
-        }
-        let number = if !integer {
-            Number::Float(serde_json::from_str::<f64>(text).ok()?)
-        } else if let Ok(value) = text.parse::<u64>() {
-            Number::Unsigned(value)
-        } else {
-            Number::Signed(text.parse::<i64>().ok()?)
-        };
-        Some((text, number))
+        Some((text, read_number(text, integer)?))
     }
 
     /// Hands a number to `visitor` the way serde_json does.
@@ -189,8 +224,11 @@ impl<'a> Parser<'a> {
     /// Reads a number as the text serde_json writes for it, borrowed from the body when the body
     /// has that text already, as it has for an integer and for most decimals.
     fn number_text(&mut self) -> Option<Text<'a>> {
-        let (text, number) = self.json_number()?;
-        let Number::Float(value) = number else {
+        let (text, integer) = self.number()?;
+        if !integer && is_shortest_decimal(text) {
+            return Some(Cow::Borrowed(text));
+        }
+        let Number::Float(value) = read_number(text, integer)? else {
             // JSON has no leading zeros, so an integer that fits is written back as its digits.
             return Some(Cow::Borrowed(text));
         };
@@ -525,6 +563,39 @@ mod tests {
             fast_count > 150,
             "only {fast_count} bodies took the fast path"
         );
+    }
+
+    /// Formats `value` as serde_json writes it.
+    fn serde_text(value: f64) -> String {
+        serde_json::to_string(&value).unwrap()
+    }
+
+    #[test]
+    fn shortest_decimals_are_what_serde_writes() {
+        for text in ["0.42", "-1.25", "0.1", "3.14159265358979", "99999999999999.9"] {
+            assert!(is_shortest_decimal(text), "{text}");
+            let value: f64 = serde_json::from_str(text).unwrap();
+            assert_eq!(serde_text(value), text);
+        }
+        // Each is either not what serde_json writes or has too many digits to be sure.
+        for text in ["1.50", "0.05", "1e2", "1.5e-3", "7", "0.1234567890123456", "1.0"] {
+            assert!(!is_shortest_decimal(text), "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_shortest_decimal_reads_back_as_its_text(
+            sign in "-?",
+            whole in "0|[1-9][0-9]{0,15}",
+            fraction in "[0-9]{0,16}[1-9]",
+        ) {
+            let text = format!("{sign}{whole}.{fraction}");
+            if is_shortest_decimal(&text) {
+                let value: f64 = serde_json::from_str(&text).unwrap();
+                proptest::prop_assert_eq!(serde_text(value), text);
+            }
+        }
     }
 
     #[test]
