@@ -103,6 +103,8 @@ struct Accepted {
 
 /// Builds the router with its middleware.
 pub fn app(state: AppState) -> Router {
+    // One shared pointer, so each request clones and drops a single reference count.
+    let state = Arc::new(state);
     let allowed_origins = match &state.intake.cors_origins {
         CorsOrigins::Any => AllowOrigin::mirror_request(),
         CorsOrigins::List(origins) => AllowOrigin::list(
@@ -145,7 +147,7 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn collect(State(state): State<AppState>, request: Request) -> Response {
+async fn collect(State(state): State<Arc<AppState>>, request: Request) -> Response {
     match record_batch(&state, request).await {
         Ok(recorded) => {
             state.metrics.items_recorded(&recorded);
@@ -226,7 +228,11 @@ async fn record_batch(state: &AppState, request: Request) -> Result<Recorded, Ap
 }
 
 /// Counts every request by route template and status class, with its duration.
-async fn count_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn count_request(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = match request
         .extensions()
         .get::<MatchedPath>()
@@ -248,7 +254,7 @@ async fn count_request(State(state): State<AppState>, request: Request, next: Ne
     response
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let metrics = &state.metrics;
     metrics
         .sessions_active
@@ -266,7 +272,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     (headers, metrics.render()).into_response()
 }
 
-async fn sessions_count(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn sessions_count(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(json!({ "activeSessions": state.sessions.len() }))
 }
 
@@ -274,7 +280,7 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
