@@ -429,11 +429,19 @@ impl<'a> ListView<'a> {
 /// A destination for encoded bytes: a buffer, or a counter that only adds up their length.
 trait Output {
     fn put(&mut self, bytes: &[u8]);
+
+    /// Writes one byte. Most Avro `long`s here are one byte: lengths, counts, union branches.
+    /// Writing them a byte at a time avoids a call to copy a slice for each.
+    fn put_byte(&mut self, byte: u8);
 }
 
 impl Output for Vec<u8> {
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
+    }
+
+    fn put_byte(&mut self, byte: u8) {
+        self.push(byte);
     }
 }
 
@@ -442,6 +450,10 @@ struct Counter(usize);
 impl Output for Counter {
     fn put(&mut self, bytes: &[u8]) {
         self.0 += bytes.len();
+    }
+
+    fn put_byte(&mut self, _byte: u8) {
+        self.0 += 1;
     }
 }
 
@@ -458,6 +470,14 @@ impl Output for Room<'_> {
             self.full = true;
         } else {
             self.chunk.extend_from_slice(bytes);
+        }
+    }
+
+    fn put_byte(&mut self, byte: u8) {
+        if self.full || self.chunk.len() == self.chunk.capacity() {
+            self.full = true;
+        } else {
+            self.chunk.push(byte);
         }
     }
 }
@@ -485,20 +505,11 @@ impl Encode for EventWithFeature<'_, '_> {
 /// Writes an Avro `long`: zig-zag, then 7 bits a byte, low bits first.
 fn put_long(out: &mut impl Output, value: i64) {
     let mut rest = ((value << 1) ^ (value >> 63)) as u64;
-    let mut encoded = [0u8; 10];
-    let mut len = 0;
-    loop {
-        let low = (rest & 0x7f) as u8;
+    while rest >= 0x80 {
+        out.put_byte((rest & 0x7f) as u8 | 0x80);
         rest >>= 7;
-        if rest == 0 {
-            encoded[len] = low;
-            len += 1;
-            break;
-        }
-        encoded[len] = low | 0x80;
-        len += 1;
     }
-    out.put(&encoded[..len]);
+    out.put_byte(rest as u8);
 }
 
 fn put_len(out: &mut impl Output, len: usize) {
