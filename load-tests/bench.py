@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = ROOT / "load-tests" / "wrk" / "collect.lua"
 # Connections of the maximum-rate runs; enough to keep both cores of the server busy.
 MAX_RATE_CONNECTIONS = 32
-# Pause of each connection between requests in the half-rate run, in milliseconds. Short, so
-# that the rate needs few connections. With 10 ms it took about 250, whose requests went out in
-# bursts; the floor's own p99 then passed 5 ms at 19,000 requests a second.
+# Pause of each connection between requests in the half-rate run, in milliseconds. It is short
+# so that the rate needs few connections. With 10 ms the rate took about 250 connections, whose
+# requests went out in bursts, and the floor's own p99 passed 5 ms at 19,000 requests a second.
 PACED_DELAY_MS = 2
 # Seconds of the run that measures the rate of one paced connection.
 PACED_TRIAL_SECONDS = 3
@@ -136,13 +136,17 @@ def paced(binary, is_server, work, rate, duration, delay_ms):
     than the delay alone allows. A short first run measures how many, and the measured run
     opens as many connections as `rate` then needs.
     """
-    script_args = [20, 0, 5000, delay_ms, 0, "paced"]
+    # The two runs differ in run id, so the measured run sends no id of the trial again: the
+    # server would drop those as duplicates and do less work than for new items.
+    def script_args(run_id):
+        return [20, 0, 5000, delay_ms, 0, run_id]
+
     connections = max(1, round(rate * delay_ms / 1000))
     with running(binary, is_server, work) as (addr, _):
-        trial = wrk(addr, connections, PACED_TRIAL_SECONDS, script_args)
+        trial = wrk(addr, connections, PACED_TRIAL_SECONDS, script_args("paced-trial"))
         per_connection = max(trial["rps"] / connections, 1.0)
         connections = max(1, round(rate / per_connection))
-        result = wrk(addr, connections, duration, script_args)
+        result = wrk(addr, connections, duration, script_args("paced"))
     result["target_rps"] = round(rate)
     result["connections"] = connections
     return result
