@@ -43,8 +43,8 @@ struct Chunk {
 }
 
 /// Largest chunk allocated for items smaller than it. Chunks grow with the items stored, like a
-/// buffer that doubles, up to this size. It is below the initial threshold of glibc's malloc
-/// (128 KiB, see mallopt(3)) from which an allocation gets its own memory mapping.
+/// buffer that doubles, up to this size, so the room left unused in a session's last chunk stays
+/// below this size however large the session grows.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The impressions of one session.

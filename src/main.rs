@@ -14,10 +14,10 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
-/// jemalloc keeps a cache per thread and frees memory allocated by another thread without
-/// taking a lock. Requests of one session run on whichever worker takes them. Under load,
-/// glibc's malloc waited on its arena locks for about a tenth of the server's time. With
-/// jemalloc the server used a fifth less CPU per request (docs/benchmarks.md).
+/// jemalloc puts a small allocation freed by a thread into that thread's cache, whichever thread
+/// allocated it, and locks an arena only to flush that cache in batches. Requests of one session run on
+/// whichever worker takes them. Under load, glibc's malloc waited on its arena locks for about
+/// a tenth of the server's time. With jemalloc the server used a fifth less CPU per request.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

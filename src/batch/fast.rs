@@ -64,10 +64,10 @@ fn read_number(text: &str, integer: bool) -> Option<Number> {
 }
 
 /// Returns whether `text`, a JSON number with a fraction, is already the text serde_json writes
-/// for it, so that it needs no reading and formatting: no exponent, no trailing zero, a
-/// magnitude from 0.1 up, and at most 15 significant digits. serde_json reads such a number
-/// exactly rounded, and no shorter or other text of at most 15 digits reads as the same `f64`
-/// (15 is `DBL_DIG` of C's float.h), so the shortest text that reads back is this one.
+/// for it, so it needs no reading and formatting. A decimal qualifies when it has no exponent,
+/// no trailing zero, a magnitude from 0.1 up and at most `f64::DIGITS` (15) significant digits.
+/// serde_json reads such a decimal exactly rounded. No other text of at most 15 digits reads as
+/// the same `f64`, so the shortest text that reads back is this one.
 fn is_shortest_decimal(text: &str) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
     let Some((whole, fraction)) = digits.split_once('.') else {
@@ -87,11 +87,8 @@ fn is_shortest_decimal(text: &str) -> bool {
     } else {
         whole.len() + fraction.len()
     };
-    significant <= SHORTEST_DECIMAL_DIGITS
+    significant <= f64::DIGITS as usize
 }
-
-/// Significant digits that every `f64` keeps through a decimal round trip.
-const SHORTEST_DECIMAL_DIGITS: usize = 15;
 
 /// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
 fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
@@ -204,16 +201,10 @@ impl<'a> Parser<'a> {
         Some((self.text.get(start..self.at)?, integer))
     }
 
-    /// Reads a number as serde_json reads it: an integer that fits as `u64` or `i64`, anything
-    /// else as the `f64` serde_json itself reads from the text. Returns it with its text.
-    fn json_number(&mut self) -> Option<(&'a str, Number)> {
-        let (text, integer) = self.number()?;
-        Some((text, read_number(text, integer)?))
-    }
-
     /// Hands a number to `visitor` the way serde_json does.
     fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
-        let visited: Result<V::Value, serde_json::Error> = match self.json_number()?.1 {
+        let (text, integer) = self.number()?;
+        let visited: Result<V::Value, serde_json::Error> = match read_number(text, integer)? {
             Number::Unsigned(value) => visitor.visit_u64(value),
             Number::Signed(value) => visitor.visit_i64(value),
             Number::Float(value) => visitor.visit_f64(value),
