@@ -11,7 +11,7 @@
 
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apache_avro::{Codec, Writer};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -28,6 +28,12 @@ const T0_MS: i64 = 1_733_310_000_000;
 const SESSIONS_PER_FILE: usize = 1000;
 /// Pages of the returning-visitor benchmark, about what one device of the macro benchmark sends.
 const RETURNING_PAGES: usize = 24;
+/// Devices of the growing-sessions benchmark, and the items at which their sessions are cut,
+/// which bounds its memory to a few hundred MB.
+const GROWING_DEVICES: usize = 1000;
+const GROWING_MAX_ITEMS: usize = 2000;
+/// Pages parsed ahead of each timed round of the growing-sessions benchmark.
+const GROWING_ROUND: u64 = 200;
 
 /// Drops closed sessions, so recording is measured without the writer.
 struct DiscardSink;
@@ -199,6 +205,44 @@ fn bench_record(c: &mut Criterion) {
                 },
                 BatchSize::SmallInput,
             )
+        },
+    );
+
+    // Pages of 20 into many sessions that keep growing, as in the macro benchmark, so that a
+    // session's chunks and index are rarely in the cache when its next page comes. Only
+    // recording is timed, because the pages are parsed before each round.
+    let store = SessionStore::new(
+        SessionLimits {
+            max_items: GROWING_MAX_ITEMS,
+            ..limits()
+        },
+        Box::new(DiscardSink),
+    );
+    let mut sent = 0;
+    group.bench_function(
+        format!("pages_of_20_into_{GROWING_DEVICES}_growing_sessions"),
+        |b| {
+            b.iter_custom(|iterations| {
+                let mut elapsed = Duration::ZERO;
+                let mut left = iterations;
+                while left > 0 {
+                    let round = left.min(GROWING_ROUND);
+                    left -= round;
+                    let bodies: Vec<String> = (0..round)
+                        .map(|_| {
+                            sent += 1;
+                            nth_page_body(sent % GROWING_DEVICES, sent / GROWING_DEVICES, 20)
+                        })
+                        .collect();
+                    let batches: Vec<Batch<'_>> = bodies.iter().map(|body| parse(body)).collect();
+                    let started = Instant::now();
+                    for batch in batches {
+                        black_box(store.record(batch, client()).expect("store is open"));
+                    }
+                    elapsed += started.elapsed();
+                }
+                elapsed
+            })
         },
     );
 

@@ -90,6 +90,19 @@ fn is_shortest_decimal(text: &str) -> bool {
     significant <= f64::DIGITS as usize
 }
 
+/// Returns whether any of the eight bytes of `word` is a quote, a backslash or a control
+/// character: a byte that ends a string this parser reads. It may also flag a byte after the
+/// first such byte, never one before it, so a word it passes contains none of them.
+fn has_string_end(word: u64) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Sets the high bit of each byte of `value` that is below `limit`, for a limit up to 0x80.
+    let below = |value: u64, limit: u8| value.wrapping_sub(ONES * u64::from(limit)) & !value & HIGH;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    (below(word, 0x20) | below(quote, 1) | below(backslash, 1)) != 0
+}
+
 /// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
 fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
@@ -134,6 +147,14 @@ impl<'a> Parser<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
+        // Eight bytes at a time up to the word that contains the closing quote, then byte by byte.
+        while let Some(word) = self.bytes.get(self.at..self.at + 8) {
+            let word = u64::from_le_bytes(word.try_into().ok()?);
+            if has_string_end(word) {
+                break;
+            }
+            self.at += 8;
+        }
         loop {
             match *self.bytes.get(self.at)? {
                 b'"' => break,
@@ -599,6 +620,47 @@ mod tests {
             if is_shortest_decimal(&text) {
                 let value: f64 = serde_json::from_str(&text).unwrap();
                 proptest::prop_assert_eq!(serde_text(value), text);
+            }
+        }
+    }
+
+    #[test]
+    fn string_end_found_at_every_place() {
+        for place in 0..8 {
+            for byte in 0..=u8::MAX {
+                let mut bytes = [b'a'; 8];
+                bytes[place] = byte;
+                let ends = matches!(byte, b'"' | b'\\' | 0x00..=0x1f);
+                assert_eq!(
+                    has_string_end(u64::from_le_bytes(bytes)),
+                    ends,
+                    "byte {byte:#04x} at {place}"
+                );
+            }
+        }
+        // Bytes from 0x80 up, the bytes of every non-ASCII character, end nothing.
+        for word in ["é☃€", "\u{ff}\u{7f}x", "ÿÿÿÿ"] {
+            let mut bytes = [b'a'; 8];
+            bytes[..word.len()].copy_from_slice(word.as_bytes());
+            assert!(!has_string_end(u64::from_le_bytes(bytes)), "{word}");
+        }
+    }
+
+    #[test]
+    fn strings_match_serde_with_a_special_byte_anywhere() {
+        for len in 0..24 {
+            for place in 0..=len {
+                for special in ["", "\\\"", "\\n", "\t", "\u{1}", "é"] {
+                    let mut text = "x".repeat(len);
+                    text.insert_str(place, special);
+                    let body = format!(r#"{{"deviceId": "{text}", "sessionKey": "k"}}"#);
+                    let fast = parse(&body);
+                    let plain = !special.starts_with(['\\', '\t', '\u{1}']);
+                    assert_eq!(fast.is_some(), plain, "{body:?}");
+                    if fast.is_some() {
+                        assert_eq!(fast, serde(&body), "{body:?}");
+                    }
+                }
             }
         }
     }
