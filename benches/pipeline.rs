@@ -28,9 +28,10 @@ const T0_MS: i64 = 1_733_310_000_000;
 const SESSIONS_PER_FILE: usize = 1000;
 /// Pages of the returning-visitor benchmark, about what one device of the macro benchmark sends.
 const RETURNING_PAGES: usize = 24;
-/// Devices of the growing-sessions benchmark, and the items at which their sessions are cut,
-/// which bounds its memory to a few hundred MB.
+/// Devices of the growing-sessions benchmark.
 const GROWING_DEVICES: usize = 1000;
+/// Items at which a session of the growing-sessions benchmark is cut. With 1,000 devices this
+/// keeps its memory to a few hundred MB (an estimate: about 110 B per stored impression).
 const GROWING_MAX_ITEMS: usize = 2000;
 
 /// Drops closed sessions, so recording is measured without the writer.

@@ -15,9 +15,10 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc puts a small allocation freed by a thread into that thread's cache, whichever thread
-/// allocated it, and locks an arena only to flush that cache in batches. Requests of one session run on
-/// whichever worker takes them. Under load, glibc's malloc waited on its arena locks for about
-/// a tenth of the server's time. With jemalloc the server used a fifth less CPU per request.
+/// allocated it, and locks an arena only to flush that cache in batches. Requests of one session
+/// run on whichever worker takes them. Under load, glibc's malloc waited on its arena locks for
+/// about a tenth of the server's time. With jemalloc the server used 14 to 19 % less CPU per
+/// request (32.9 to 35.2 against 40.8 us with 20 impressions a batch).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

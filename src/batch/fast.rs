@@ -91,8 +91,9 @@ fn is_shortest_decimal(text: &str) -> bool {
 }
 
 /// Returns whether any of the eight bytes of `word` is a quote, a backslash or a control
-/// character: a byte that ends a string this parser reads. It may also flag a byte after the
-/// first such byte, never one before it, so a word it passes contains none of them.
+/// character: a byte that ends a string this parser reads. The bitwise test can also flag an
+/// ordinary byte, but only one after a byte that does end a string, so a word with no flag has
+/// none of them.
 fn has_string_end(word: u64) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
@@ -638,7 +639,7 @@ mod tests {
                 );
             }
         }
-        // Bytes from 0x80 up, the bytes of every non-ASCII character, end nothing.
+        // Non-ASCII characters, whose bytes are all 0x80 or more, and DEL (0x7f) end nothing.
         for word in ["é☃€", "\u{ff}\u{7f}x", "ÿÿÿÿ"] {
             let mut bytes = [b'a'; 8];
             bytes[..word.len()].copy_from_slice(word.as_bytes());
@@ -647,7 +648,7 @@ mod tests {
     }
 
     #[test]
-    fn strings_match_serde_with_a_special_byte_anywhere() {
+    fn special_byte_anywhere_matches_serde() {
         for len in 0..24 {
             for place in 0..=len {
                 for special in ["", "\\\"", "\\n", "\t", "\u{1}", "é"] {
