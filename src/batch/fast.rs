@@ -104,6 +104,10 @@ fn has_string_end(word: u64) -> bool {
     (below(word, 0x20) | below(quote, 1) | below(backslash, 1)) != 0
 }
 
+/// The most items an item array reserves room for after its first item. A longer array grows
+/// as it is read.
+const MAX_RESERVED_ITEMS: usize = 256;
+
 /// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
 fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
@@ -293,9 +297,27 @@ impl<'a> Parser<'a> {
     }
 
     /// Reads an array, or `null` as `None`, with `element` reading each element.
-    fn array<T>(
+    fn array<T>(&mut self, element: impl FnMut(&mut Self) -> Option<T>) -> Option<Option<Vec<T>>> {
+        self.array_sized(element, |_| 0)
+    }
+
+    /// Reads an array of items, which make up most of a body. After the first item, it reserves
+    /// room for as many items of that length as the rest of the body could hold, up to
+    /// [`MAX_RESERVED_ITEMS`]. The items are then not moved each time the array grows.
+    fn items<T>(&mut self, element: impl FnMut(&mut Self) -> Option<T>) -> Option<Option<Vec<T>>> {
+        let start = self.at;
+        self.array_sized(element, |parser| {
+            let first_len = (parser.at - start).max(1);
+            ((parser.bytes.len() - parser.at) / first_len).min(MAX_RESERVED_ITEMS)
+        })
+    }
+
+    /// Reads an array like [`array`](Self::array); after the first element, reserves room for
+    /// the number of further elements `estimate` returns.
+    fn array_sized<T>(
         &mut self,
         mut element: impl FnMut(&mut Self) -> Option<T>,
+        estimate: impl FnOnce(&Self) -> usize,
     ) -> Option<Option<Vec<T>>> {
         if self.null() {
             return Some(None);
@@ -306,10 +328,16 @@ impl<'a> Parser<'a> {
             self.at += 1;
             return Some(Some(elements));
         }
+        elements.push(element(self)?);
+        if self.peek()? == b',' {
+            elements.reserve(estimate(self));
+        }
         loop {
-            elements.push(element(self)?);
             match self.peek()? {
-                b',' => self.at += 1,
+                b',' => {
+                    self.at += 1;
+                    elements.push(element(self)?);
+                }
                 b']' => {
                     self.at += 1;
                     return Some(Some(elements));
@@ -435,8 +463,8 @@ impl<'a> Parser<'a> {
             "sentAt" => set(&mut sent_at, parser.timestamp()?),
             "context" => set(&mut context, parser.context()?),
             "args" => set(&mut args, parser.string_map()?),
-            "impressions" => set(&mut impressions, parser.array(Self::impression)?),
-            "events" => set(&mut events, parser.array(Self::event)?),
+            "impressions" => set(&mut impressions, parser.items(Self::impression)?),
+            "events" => set(&mut events, parser.items(Self::event)?),
             _ => None,
         })?;
         Some(BatchBody {
