@@ -98,9 +98,9 @@ fn parse(body: &str) -> Batch<'_> {
         .expect("benchmark bodies are valid")
 }
 
-fn client() -> ClientInfo {
+fn client() -> ClientInfo<'static> {
     ClientInfo {
-        ip_address: Some("127.0.0.1".into()),
+        ip_address: Some([127, 0, 0, 1].into()),
         user_agent: None,
     }
 }

@@ -21,6 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{debug, warn};
+use uuid::Uuid;
 
 use crate::batch::{Batch, BatchError, BatchErrorKind, DeviceIdSources};
 use crate::clock::Clock;
@@ -91,7 +92,8 @@ pub enum ApiError {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct CollectResponse {
-    session_id: String,
+    /// Serialized in its hyphenated form from a buffer on the stack.
+    session_id: Uuid,
     accepted: Accepted,
     duplicates: usize,
 }
@@ -158,7 +160,7 @@ async fn collect(State(state): State<Arc<AppState>>, request: Request) -> Respon
         Ok(recorded) => {
             state.metrics.items_recorded(&recorded);
             Json(CollectResponse {
-                session_id: recorded.session_id.hyphenated().to_string(),
+                session_id: recorded.session_id,
                 accepted: Accepted {
                     impressions: recorded.impressions,
                     events: recorded.events,
@@ -222,8 +224,7 @@ async fn record_batch(state: &AppState, request: Request) -> Result<Recorded, Ap
         user_agent: parts
             .headers
             .get(header::USER_AGENT)
-            .and_then(|value| value.to_str().ok())
-            .map(Into::into),
+            .and_then(|value| value.to_str().ok()),
     };
     state
         .sessions

@@ -12,6 +12,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -117,12 +118,13 @@ pub struct SessionLimits {
 /// Default number of impressions plus events at which a session is cut.
 pub const DEFAULT_MAX_SESSION_ITEMS: usize = 10_000;
 
-/// Client details from the connection and headers, beside the body.
-#[derive(Debug, Clone, Default)]
-pub struct ClientInfo {
-    pub ip_address: Option<Box<str>>,
+/// Client details from the connection and headers, beside the body. A session copies them
+/// only where it keeps them, so a request to an open session allocates nothing for them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientInfo<'a> {
+    pub ip_address: Option<IpAddr>,
     /// The `User-Agent` header, used when the body's context has none.
-    pub user_agent: Option<Box<str>>,
+    pub user_agent: Option<&'a str>,
 }
 
 /// The result of recording one batch.
@@ -255,7 +257,11 @@ impl SessionStore {
 
     /// Records a validated batch into its device's session, opening or replacing the session
     /// as needed.
-    pub fn record(&self, batch: Batch<'_>, client: ClientInfo) -> Result<Recorded, RecordError> {
+    pub fn record(
+        &self,
+        batch: Batch<'_>,
+        client: ClientInfo<'_>,
+    ) -> Result<Recorded, RecordError> {
         let now_ms = batch.received_ms;
         let mut scheduled = None;
 
@@ -509,22 +515,22 @@ impl Session {
     fn apply(
         &mut self,
         batch: Batch<'_>,
-        client: ClientInfo,
+        client: ClientInfo<'_>,
         hasher: &RandomState,
     ) -> (Recorded, Box<str>) {
         let now_ms = batch.received_ms;
         if self.requests == 0 {
             self.start_ms = now_ms;
             self.session_key = batch.session_key.map(|key| key.into());
-            self.ip_address = client.ip_address;
+            self.ip_address = client
+                .ip_address
+                .map(|address| address.to_string().into_boxed_str());
         }
         self.requests = self.requests.saturating_add(1);
         self.last_active_ms = self.last_active_ms.max(now_ms);
 
         let context = batch.context;
-        let user_agent = context
-            .user_agent
-            .or_else(|| client.user_agent.map(|agent| Text::Owned(agent.into())));
+        let user_agent = context.user_agent.or(client.user_agent.map(Text::Borrowed));
         fill(&mut self.context.entry_url, context.entry_url);
         fill(&mut self.context.referrer, context.referrer);
         fill(&mut self.context.user_agent, user_agent);
@@ -1196,12 +1202,12 @@ mod tests {
     fn first_context_wins_and_args_merge() {
         let (store, closed) = store();
         let client = ClientInfo {
-            ip_address: Some("127.0.0.1".into()),
-            user_agent: Some("header-agent".into()),
+            ip_address: Some([127, 0, 0, 1].into()),
+            user_agent: Some("header-agent"),
         };
         let first = r#"{"deviceId": "d", "context": {"entryUrl": "https://a.example/"}, "args": {"a": "1", "b": "1"}}"#;
         let second = r#"{"deviceId": "d", "context": {"entryUrl": "https://b.example/", "referrer": "r"}, "args": {"b": "2", "c": "2"}}"#;
-        store.record(batch(first, T0), client.clone()).unwrap();
+        store.record(batch(first, T0), client).unwrap();
         store
             .record(batch(second, T0 + 1), ClientInfo::default())
             .unwrap();
