@@ -90,22 +90,24 @@ fn is_shortest_decimal(text: &str) -> bool {
     significant <= f64::DIGITS as usize
 }
 
-/// Returns whether any of the eight bytes of `word` is a quote, a backslash or a control
-/// character: a byte that ends a string this parser reads. The bitwise test can also flag an
-/// ordinary byte, but only one after a byte that does end a string, so a word with no flag has
-/// none of them.
-fn has_string_end(word: u64) -> bool {
+/// Returns the place of the first of the eight bytes of `word`, read little-endian, that is a
+/// quote, a backslash or a control character: a byte that ends a string this parser reads. The
+/// bitwise test can also flag an ordinary byte, but only one after a byte that does end a
+/// string, so the lowest flag is exact.
+fn first_string_end(word: u64) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     // Sets the high bit of each byte of `value` that is below `limit`, for a limit up to 0x80.
     let below = |value: u64, limit: u8| value.wrapping_sub(ONES * u64::from(limit)) & !value & HIGH;
     let quote = word ^ (ONES * u64::from(b'"'));
     let backslash = word ^ (ONES * u64::from(b'\\'));
-    (below(word, 0x20) | below(quote, 1) | below(backslash, 1)) != 0
+    let flags = below(word, 0x20) | below(quote, 1) | below(backslash, 1);
+    // Each flag is the high bit of its byte, so the byte's place is its bit's place over 8.
+    (flags != 0).then(|| flags.trailing_zeros() as usize / 8)
 }
 
-/// The most items an item array reserves room for after its first item. A longer array grows
-/// as it is read.
+/// The maximum number of items an item array reserves room for after its first item. A longer
+/// array grows as it is read.
 const MAX_RESERVED_ITEMS: usize = 256;
 
 /// Sets `slot` once. A field that comes twice makes the parser give up, because serde rejects it.
@@ -152,13 +154,16 @@ impl<'a> Parser<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
-        // Eight bytes at a time up to the word that contains the closing quote, then byte by byte.
+        // Eight bytes at a time up to the first byte that ends the string. The loop below then
+        // reads that byte, or the last few bytes of the body when they are too few for a word.
         while let Some(word) = self.bytes.get(self.at..self.at + 8) {
-            let word = u64::from_le_bytes(word.try_into().ok()?);
-            if has_string_end(word) {
-                break;
+            match first_string_end(u64::from_le_bytes(word.try_into().ok()?)) {
+                None => self.at += 8,
+                Some(place) => {
+                    self.at += place;
+                    break;
+                }
             }
-            self.at += 8;
         }
         loop {
             match *self.bytes.get(self.at)? {
@@ -661,17 +666,34 @@ mod tests {
                 bytes[place] = byte;
                 let ends = matches!(byte, b'"' | b'\\' | 0x00..=0x1f);
                 assert_eq!(
-                    has_string_end(u64::from_le_bytes(bytes)),
-                    ends,
+                    first_string_end(u64::from_le_bytes(bytes)),
+                    ends.then_some(place),
                     "byte {byte:#04x} at {place}"
                 );
+            }
+        }
+        // With an end in a word, the first end counts, whatever byte comes at any later place.
+        for first in 0..8 {
+            for end in [0x00, 0x1f, b'"', b'\\'] {
+                for later in first + 1..8 {
+                    for byte in 0..=u8::MAX {
+                        let mut bytes = [b'a'; 8];
+                        bytes[first] = end;
+                        bytes[later] = byte;
+                        assert_eq!(
+                            first_string_end(u64::from_le_bytes(bytes)),
+                            Some(first),
+                            "{end:#04x} at {first}, {byte:#04x} at {later}"
+                        );
+                    }
+                }
             }
         }
         // Non-ASCII characters, whose bytes are all 0x80 or more, and DEL (0x7f) end nothing.
         for word in ["é☃€", "\u{ff}\u{7f}x", "ÿÿÿÿ"] {
             let mut bytes = [b'a'; 8];
             bytes[..word.len()].copy_from_slice(word.as_bytes());
-            assert!(!has_string_end(u64::from_le_bytes(bytes)), "{word}");
+            assert_eq!(first_string_end(u64::from_le_bytes(bytes)), None, "{word}");
         }
     }
 
