@@ -1,5 +1,6 @@
 //! Micro-benchmarks of each step a batch takes: parse and validate, record into a session,
-//! close the session, encode it as Avro, and write it into a partition file.
+//! close the session, encode it as Avro, and write it into a partition file. One more sends
+//! whole requests through the router, to measure what the HTTP layer adds to the steps.
 //!
 //! Batches have the shape that `load-tests/lib/traffic.js` sends: a first page of 1, 5 or 20
 //! impressions, then a reply impression with events on some of them. A session is what one k6
@@ -10,18 +11,30 @@
 //! ```
 
 use std::hint::black_box;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apache_avro::{Codec, Writer};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use impression_server::api::{AppState, app};
 use impression_server::avro::{SCHEMA, SessionRecord};
 use impression_server::batch::{Batch, DeviceIdSources};
+use impression_server::clock::ManualClock;
+use impression_server::config::{CorsOrigins, IpMode};
+use impression_server::intake::Intake;
+use impression_server::limits::BatchLimits;
+use impression_server::log_limit::LogLimiter;
+use impression_server::metrics::Metrics;
 use impression_server::session::{
     ClientInfo, CloseReason, ClosedSession, DEFAULT_MAX_SESSION_ITEMS, SessionLimits, SessionSink,
     SessionStore,
 };
 use impression_server::writer::{PartitionWriter, WriterSettings};
+use tower::ServiceExt;
 
 const T0_MS: i64 = 1_733_310_000_000;
 /// Sessions per iteration of the close and file benchmarks.
@@ -332,10 +345,94 @@ fn bench_file(c: &mut Criterion) {
     group.finish();
 }
 
+/// Returns the router with its middleware, over a store that drops closed sessions.
+fn router(limits: SessionLimits) -> Router {
+    let metrics = Arc::new(Metrics::new());
+    let sessions = SessionStore::new(limits, Box::new(DiscardSink)).with_metrics(metrics.clone());
+    let intake = Intake {
+        max_body_bytes: 64 * 1024,
+        max_decompressed_bytes: 1024 * 1024,
+        body_read_timeout: Duration::from_secs(5),
+        limits: BatchLimits::default(),
+        write_keys: Vec::new(),
+        cors_origins: CorsOrigins::Any,
+        trusted_proxies: Vec::new(),
+        ip_mode: IpMode::Full,
+    };
+    app(AppState {
+        sessions: Arc::new(sessions),
+        clock: Arc::new(ManualClock::new(T0_MS + 1000)),
+        intake: Arc::new(intake),
+        metrics,
+        draining: Arc::new(AtomicBool::new(false)),
+        rejected_log: Arc::new(LogLimiter::new(Duration::from_secs(10))),
+    })
+}
+
+fn bench_http(c: &mut Criterion) {
+    let mut group = c.benchmark_group("http");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    // One device sends page after page with new ids, and its session is cut at
+    // `GROWING_MAX_ITEMS`, so the session stays in the cache and memory stays bounded. Building
+    // the body and the request is not timed.
+    let limits = SessionLimits {
+        max_items: GROWING_MAX_ITEMS,
+        ..limits()
+    };
+
+    let router = router(limits);
+    let mut sent = 0;
+    group.bench_function("collect_page_20_through_router", |b| {
+        b.iter_custom(|iterations| {
+            runtime.block_on(async {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iterations {
+                    sent += 1;
+                    let request = Request::builder()
+                        .method(Method::POST)
+                        .uri("/v1/collect")
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(nth_page_body(0, sent, 20)))
+                        .expect("the request is valid");
+                    let started = Instant::now();
+                    let response = router.clone().oneshot(request).await;
+                    elapsed += started.elapsed();
+                    let status = response.expect("the router never fails").status();
+                    assert_eq!(status, StatusCode::OK);
+                }
+                elapsed
+            })
+        })
+    });
+
+    // The same pages parsed and recorded without the router: the difference to the benchmark
+    // above is what the HTTP layer, the middleware and the response cost.
+    let store = SessionStore::new(limits, Box::new(DiscardSink));
+    let mut sent = 0;
+    group.bench_function("parse_and_record_page_20", |b| {
+        b.iter_custom(|iterations| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iterations {
+                sent += 1;
+                let body = nth_page_body(0, sent, 20);
+                let started = Instant::now();
+                black_box(store.record(parse(&body), client()).expect("store is open"));
+                elapsed += started.elapsed();
+            }
+            elapsed
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_parse,
     bench_record,
+    bench_http,
     bench_close,
     bench_encode,
     bench_file
