@@ -18,7 +18,6 @@ use serde::Serialize;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -35,8 +34,6 @@ use crate::session::{ClientInfo, RecordError, Recorded, SessionStore};
 pub const DEVICE_ID_HEADER: HeaderName = HeaderName::from_static("x-device-id");
 /// Seconds a client is asked to wait before retrying while the server shuts down.
 const RETRY_AFTER_SECONDS: u32 = 5;
-/// Maximum time for one request, body read included.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a browser may cache a preflight response.
 const CORS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -141,14 +138,12 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
         // One `layer` call for the whole stack: each call boxes every route again, and each box
-        // costs an allocation, a clone and a move of the response on every request.
+        // costs an allocation, a clone and a move of the response on every request. There is no
+        // request timeout layer because a request waits only for its head and its body, and
+        // both reads have their own timeouts.
         .layer(
             ServiceBuilder::new()
                 .layer(trace)
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::REQUEST_TIMEOUT,
-                    REQUEST_TIMEOUT,
-                ))
                 .layer(cors)
                 .layer(middleware::from_fn_with_state(state.clone(), count_request)),
         )
