@@ -19,14 +19,14 @@ use apache_avro::{Codec, Writer};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
+use clap::Parser;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use impression_server::api::{AppState, app};
 use impression_server::avro::{SCHEMA, SessionRecord};
 use impression_server::batch::{Batch, DeviceIdSources};
 use impression_server::clock::ManualClock;
-use impression_server::config::{CorsOrigins, IpMode};
+use impression_server::config::{Cli, Command};
 use impression_server::intake::Intake;
-use impression_server::limits::BatchLimits;
 use impression_server::log_limit::LogLimiter;
 use impression_server::metrics::Metrics;
 use impression_server::session::{
@@ -345,24 +345,21 @@ fn bench_file(c: &mut Criterion) {
     group.finish();
 }
 
-/// Returns the router with its middleware, over a store that drops closed sessions.
+/// Returns the router with its middleware and the server's default intake rules, over a store
+/// that drops closed sessions. As in the server, `IMPRESSION_SERVER_*` variables override them.
 fn router(limits: SessionLimits) -> Router {
     let metrics = Arc::new(Metrics::new());
     let sessions = SessionStore::new(limits, Box::new(DiscardSink)).with_metrics(metrics.clone());
-    let intake = Intake {
-        max_body_bytes: 64 * 1024,
-        max_decompressed_bytes: 1024 * 1024,
-        body_read_timeout: Duration::from_secs(5),
-        limits: BatchLimits::default(),
-        write_keys: Vec::new(),
-        cors_origins: CorsOrigins::Any,
-        trusted_proxies: Vec::new(),
-        ip_mode: IpMode::Full,
+    let cli = Cli::try_parse_from(["impression-server", "--server-id", "bench"])
+        .expect("the default flags parse");
+    let Command::Serve(config) = cli.into_command() else {
+        unreachable!("no subcommand means serve");
     };
+    let settings = config.validate().expect("the default settings are valid");
     app(AppState {
         sessions: Arc::new(sessions),
         clock: Arc::new(ManualClock::new(T0_MS + 1000)),
-        intake: Arc::new(intake),
+        intake: Arc::new(Intake::from_settings(&settings)),
         metrics,
         draining: Arc::new(AtomicBool::new(false)),
         rejected_log: Arc::new(LogLimiter::new(Duration::from_secs(10))),
@@ -408,7 +405,7 @@ fn bench_http(c: &mut Criterion) {
         })
     });
 
-    // The same pages parsed and recorded without the router: the difference to the benchmark
+    // The same pages parsed and recorded without the router. The difference from the benchmark
     // above is what the HTTP layer, the middleware and the response cost.
     let store = SessionStore::new(limits, Box::new(DiscardSink));
     let mut sent = 0;

@@ -137,10 +137,9 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
-        // One `layer` call for the whole stack: each call boxes every route again, and each box
-        // costs an allocation, a clone and a move of the response on every request. There is no
-        // request timeout layer because a request waits only for its head and its body, and
-        // both reads have their own timeouts.
+        // One `layer` call: each call boxes every route again, which costs an allocation, a clone
+        // and a move of the response per request. There is no request timeout layer because a
+        // request waits only on its head and body reads, and both have their own timeouts.
         .layer(
             ServiceBuilder::new()
                 .layer(trace)

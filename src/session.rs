@@ -118,8 +118,8 @@ pub struct SessionLimits {
 /// Default number of impressions plus events at which a session is cut.
 pub const DEFAULT_MAX_SESSION_ITEMS: usize = 10_000;
 
-/// Client details from the connection and headers, beside the body. A session copies them
-/// only where it keeps them, so a request to an open session allocates nothing for them.
+/// Client details from the connection and headers, beside the body. They are borrowed, and a
+/// session copies them only when it stores them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClientInfo<'a> {
     pub ip_address: Option<IpAddr>,

@@ -90,7 +90,7 @@ fn is_shortest_decimal(text: &str) -> bool {
     significant <= f64::DIGITS as usize
 }
 
-/// Returns the place of the first of the eight bytes of `word`, read little-endian, that is a
+/// Returns the index of the first of the eight bytes of `word`, read little-endian, that is a
 /// quote, a backslash or a control character: a byte that ends a string this parser reads. The
 /// bitwise test can also flag an ordinary byte, but only one after a byte that does end a
 /// string, so the lowest flag is exact.
@@ -102,7 +102,7 @@ fn first_string_end(word: u64) -> Option<usize> {
     let quote = word ^ (ONES * u64::from(b'"'));
     let backslash = word ^ (ONES * u64::from(b'\\'));
     let flags = below(word, 0x20) | below(quote, 1) | below(backslash, 1);
-    // Each flag is the high bit of its byte, so the byte's place is its bit's place over 8.
+    // Each flag is the high bit of its byte, so the byte's index is the bit's index divided by 8.
     (flags != 0).then(|| flags.trailing_zeros() as usize / 8)
 }
 
@@ -317,8 +317,8 @@ impl<'a> Parser<'a> {
         })
     }
 
-    /// Reads an array like [`array`](Self::array); after the first element, reserves room for
-    /// the number of further elements `estimate` returns.
+    /// Reads an array like [`array`](Self::array). After the first element, it reserves room
+    /// for the number of further elements that `estimate` returns.
     fn array_sized<T>(
         &mut self,
         mut element: impl FnMut(&mut Self) -> Option<T>,
