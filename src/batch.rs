@@ -116,7 +116,7 @@ struct BatchBody<'a> {
     #[serde(borrow)]
     context: Option<Object<ContextBody<'a>>>,
     #[serde(borrow)]
-    args: Option<StringMap<'a>>,
+    args: Option<MapEntries<'a>>,
     #[serde(borrow)]
     impressions: Option<Vec<Object<ImpressionBody<'a>>>>,
     #[serde(borrow)]
@@ -132,9 +132,9 @@ struct ImpressionBody<'a> {
     feature: BodyText<'a>,
     time: Option<Timestamp>,
     #[serde(borrow)]
-    args: Option<StringMap<'a>>,
+    args: Option<MapEntries<'a>>,
     #[serde(borrow)]
-    outputs: Option<StringMap<'a>>,
+    outputs: Option<MapEntries<'a>>,
     #[serde(borrow)]
     variants: Option<Vec<BodyText<'a>>>,
 }
@@ -152,7 +152,7 @@ struct EventBody<'a> {
     #[serde(borrow)]
     feature: Option<BodyText<'a>>,
     #[serde(borrow)]
-    fields: Option<StringMap<'a>>,
+    fields: Option<MapEntries<'a>>,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -176,6 +176,15 @@ struct Object<T>(T);
 /// A time as milliseconds since the Unix epoch or as an RFC 3339 string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Timestamp(i64);
+
+/// The entries of a JSON object as the body has them, a key possibly more than once. Building
+/// the batch turns them into a [`StringMap`], where a repeated key keeps its last value, as
+/// `JSON.parse` does.
+#[derive(Debug, PartialEq)]
+struct MapEntries<'a>(Vec<(Text<'a>, Text<'a>)>);
+
+/// Largest item map whose keys are compared pair by pair for repeats. A larger one is sorted.
+const PAIRWISE_KEYS: usize = 8;
 
 // === impl Batch ===
 
@@ -258,8 +267,11 @@ impl<'a> Batch<'a> {
                 feature: item.feature.0,
                 time_ms,
                 client_time_ms,
-                args: item.args.unwrap_or_default(),
-                outputs: item.outputs.unwrap_or_default(),
+                args: item.args.map(MapEntries::into_item_map).unwrap_or_default(),
+                outputs: item
+                    .outputs
+                    .map(MapEntries::into_item_map)
+                    .unwrap_or_default(),
                 variants: item
                     .variants
                     .map(|variants| variants.into_iter().map(|variant| variant.0).collect())
@@ -286,7 +298,10 @@ impl<'a> Batch<'a> {
                     .feature
                     .map(|feature| feature.0)
                     .filter(|feature| !feature.is_empty()),
-                fields: item.fields.unwrap_or_default(),
+                fields: item
+                    .fields
+                    .map(MapEntries::into_item_map)
+                    .unwrap_or_default(),
             });
         }
 
@@ -298,7 +313,11 @@ impl<'a> Batch<'a> {
                 .context
                 .map(|Object(context)| context.into_context())
                 .unwrap_or_default(),
-            args: parsed.args.unwrap_or_default(),
+            // The session merges later batches' args into these by binary search.
+            args: parsed
+                .args
+                .map(MapEntries::into_sorted_map)
+                .unwrap_or_default(),
             impressions: stored_impressions,
             events: stored_events,
         })
@@ -491,22 +510,55 @@ impl StringMap<'_> {
     }
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for StringMap<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(StringMapVisitor)
+// === impl MapEntries ===
+
+impl<'a> MapEntries<'a> {
+    /// Returns the entries as an item's map: each key once, in no particular order, since an
+    /// Avro map has none. A few keys are compared pair by pair, which costs less than sorting
+    /// them when no key repeats.
+    fn into_item_map(self) -> StringMap<'a> {
+        let entries = &self.0;
+        let repeats = entries.len() > PAIRWISE_KEYS
+            || (1..entries.len()).any(|i| entries[..i].iter().any(|(key, _)| *key == entries[i].0));
+        if repeats {
+            self.into_sorted_map()
+        } else {
+            StringMap(self.0)
+        }
+    }
+
+    /// Returns the entries sorted by key, each key once.
+    fn into_sorted_map(mut self) -> StringMap<'a> {
+        // The sort is stable, so the last of equal keys is the last of its run, and `dedup_by`
+        // keeps the first of a run.
+        self.0.sort_by(|a, b| a.0.cmp(&b.0));
+        self.0.dedup_by(|later, kept| {
+            if later.0 != kept.0 {
+                return false;
+            }
+            std::mem::swap(&mut later.1, &mut kept.1);
+            true
+        });
+        StringMap(self.0)
     }
 }
 
-struct StringMapVisitor;
+impl<'de: 'a, 'a> Deserialize<'de> for MapEntries<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(MapEntriesVisitor)
+    }
+}
 
-impl<'de> Visitor<'de> for StringMapVisitor {
-    type Value = StringMap<'de>;
+struct MapEntriesVisitor;
+
+impl<'de> Visitor<'de> for MapEntriesVisitor {
+    type Value = MapEntries<'de>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<StringMap<'de>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<MapEntries<'de>, A::Error> {
         let mut entries: Vec<(Text<'de>, Text<'de>)> =
             Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
         while let Some((BodyText(key), ValueText(text))) =
@@ -514,24 +566,8 @@ impl<'de> Visitor<'de> for StringMapVisitor {
         {
             entries.push((key, text));
         }
-
-        Ok(dedup_keys(entries))
+        Ok(MapEntries(entries))
     }
-}
-
-/// Sorts map entries by key. A repeated key keeps its last value, as `JSON.parse` does.
-fn dedup_keys<'a>(mut entries: Vec<(Text<'a>, Text<'a>)>) -> StringMap<'a> {
-    // The sort is stable, so the last of equal keys is the last of its run, and `dedup_by`
-    // keeps the first of a run.
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    entries.dedup_by(|later, kept| {
-        if later.0 != kept.0 {
-            return false;
-        }
-        std::mem::swap(&mut later.1, &mut kept.1);
-        true
-    });
-    StringMap(entries)
 }
 
 /// A string of the body, borrowed where it has no escapes. (`Cow`'s own `Deserialize` always
@@ -964,6 +1000,23 @@ mod tests {
         let batch = parse(r#"{"deviceId": "d", "args": {"a": "1", "b": "2", "a": "3"}}"#).unwrap();
         assert_eq!(batch.args.0.len(), 2);
         assert_eq!(batch.args.get("a"), Some("3"));
+    }
+
+    #[test]
+    fn repeated_item_map_key_keeps_last_value() {
+        let few = r#""a": "1", "b": "2", "a": "3""#;
+        let many = r#""a": "1", "b": "2", "c": "3", "d": "4", "e": "5", "f": "6", "g": "7", "h": "8", "a": "9""#;
+        for (entries, keys, last) in [(few, 2, "3"), (many, 8, "9")] {
+            let body = format!(
+                r#"{{"deviceId": "d", "impressions": [{{"impressionId": "i", "feature": "f", "outputs": {{{entries}}}}}], "events": [{{"eventId": "e", "name": "n", "fields": {{{entries}}}}}]}}"#
+            );
+            let batch = parse(&body).unwrap();
+            for map in [&batch.impressions[0].outputs, &batch.events[0].fields] {
+                assert_eq!(map.0.len(), keys, "{entries}");
+                assert_eq!(map.get("a"), Some(last), "{entries}");
+                assert_eq!(map.get("b"), Some("2"), "{entries}");
+            }
+        }
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::borrow::Cow;
 use serde::de::Visitor;
 
 use super::{
-    BatchBody, BodyText, ContextBody, EventBody, ImpressionBody, Object, StringMap, Text,
-    Timestamp, TimestampVisitor, dedup_keys,
+    BatchBody, BodyText, ContextBody, EventBody, ImpressionBody, MapEntries, Object, Text,
+    Timestamp, TimestampVisitor,
 };
 
 /// Parses `text` as a batch; `None` where serde must decide.
@@ -353,7 +353,7 @@ impl<'a> Parser<'a> {
     }
 
     /// Reads a map of scalar values, or `null` as `None`.
-    fn string_map(&mut self) -> Option<Option<StringMap<'a>>> {
+    fn string_map(&mut self) -> Option<Option<MapEntries<'a>>> {
         if self.null() {
             return Some(None);
         }
@@ -363,7 +363,7 @@ impl<'a> Parser<'a> {
             entries.push((Cow::Borrowed(key), value));
             Some(())
         })?;
-        Some(Some(dedup_keys(entries)))
+        Some(Some(MapEntries(entries)))
     }
 
     fn map_value(&mut self) -> Option<Text<'a>> {
