@@ -4,6 +4,7 @@
 //! [`ServeConfig::validate`].
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,6 +57,8 @@ const MAX_SERVER_ID_CHARS: usize = 64;
 const MIN_MULTIPART_THRESHOLD_BYTES: u64 = 5 * 1024 * 1024;
 /// Largest accepted `--upload-concurrency`.
 const MAX_UPLOAD_CONCURRENCY: usize = 64;
+/// Maximum number of threads that serve HTTP connections.
+const MAX_HTTP_THREADS: usize = 1024;
 
 /// Collects impressions and events into visitor sessions and writes them as hourly Avro files.
 #[derive(Debug, Parser)]
@@ -210,6 +213,10 @@ pub struct ServeConfig {
     #[arg(long, env = "IMPRESSION_SERVER_MAX_JSON_DEPTH", default_value_t = limits::DEFAULT_MAX_JSON_DEPTH)]
     pub max_json_depth: usize,
 
+    /// Threads that serve HTTP connections. By default, one per available CPU core.
+    #[arg(long, env = "IMPRESSION_SERVER_HTTP_THREADS")]
+    pub http_threads: Option<usize>,
+
     /// Time a client gets to send its request head before the connection is closed.
     #[arg(long, env = "IMPRESSION_SERVER_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration)]
     pub header_read_timeout: Duration,
@@ -346,6 +353,7 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub max_decompressed_bytes: usize,
     pub limits: BatchLimits,
+    pub http_threads: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub write_keys: Vec<WriteKey>,
@@ -440,6 +448,10 @@ impl ServeConfig {
         if self.upload_concurrency == 0 || self.upload_concurrency > MAX_UPLOAD_CONCURRENCY {
             return Err(invalid("upload-concurrency", "must be 1 to 64"));
         }
+        let http_threads = self.http_threads.unwrap_or_else(available_cores);
+        if http_threads == 0 || http_threads > MAX_HTTP_THREADS {
+            return Err(invalid("http-threads", "must be 1 to 1024"));
+        }
 
         let server_id = match self.server_id {
             Some(id) => id,
@@ -468,6 +480,7 @@ impl ServeConfig {
                 max_map_keys: self.max_map_keys,
                 max_json_depth: self.max_json_depth,
             },
+            http_threads,
             header_read_timeout: self.header_read_timeout,
             body_read_timeout: self.body_read_timeout,
             write_keys: self.write_keys,
@@ -601,6 +614,11 @@ fn parse_cors_origins(origins: &[String]) -> Result<CorsOrigins, String> {
     Ok(CorsOrigins::List(
         origins.into_iter().map(str::to_owned).collect(),
     ))
+}
+
+/// Returns the number of CPU cores this process may run on, or 1 when it cannot be read.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
 }
 
 /// Returns the host name, or `impression-server` when it is not a valid server id.
@@ -819,6 +837,23 @@ mod tests {
     fn write_key_is_hidden_in_debug() {
         let settings = parse(&["--server-id", "a", "--write-keys", "s3cret"]).unwrap();
         assert!(!format!("{settings:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn http_threads_default_to_available_cores() {
+        let settings = parse(&["--server-id", "a"]).unwrap();
+        assert_eq!(settings.http_threads, available_cores());
+        let settings = parse(&["--server-id", "a", "--http-threads", "3"]).unwrap();
+        assert_eq!(settings.http_threads, 3);
+    }
+
+    #[test]
+    fn http_threads_out_of_range_are_rejected() {
+        for count in ["0", "1025", "-1", "two"] {
+            let flag = format!("--http-threads={count}");
+            let err = parse(&["--server-id", "a", &flag]).unwrap_err();
+            assert!(err.contains("--http-threads"), "{count}: {err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! - [`config`]: the command line and environment, checked once at start.
 //! - [`api`]: the HTTP router; `POST /v1/collect` and the operations endpoints.
-//! - [`serve`]: the HTTP/1.1 listener, with a header read timeout.
+//! - [`serve`]: the HTTP/1.1 listener and the threads that serve its connections.
 //! - [`intake`]: write keys, body encoding and limits, and the client address.
 //! - [`batch`]: parsing and validation of a request body into session items.
 //! - [`limits`]: limits on the shape of a batch.
@@ -83,6 +83,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to start the connection threads: {0}")]
+    ConnectionThreads(#[source] std::io::Error),
 }
 
 /// Counts of the shutdown; `main` exits 0 only when [`ShutdownReport::is_complete`] holds.
@@ -122,6 +124,8 @@ pub async fn run(
         source,
     })?;
     let recovered = recover_staged_files(store.as_ref(), avro::codec(settings.codec))?;
+    let connection_threads = serve::ConnectionThreads::start(settings.http_threads)
+        .map_err(StartError::ConnectionThreads)?;
     let metrics = Arc::new(Metrics::new());
     // The age of a file left by an earlier run is unknown here, so it counts from this start.
     for file in &recovered {
@@ -176,6 +180,7 @@ pub async fn run(
     let server_task = tokio::spawn(serve::serve(
         listener,
         api::app(state.clone()),
+        connection_threads,
         settings.header_read_timeout,
         stop.clone(),
     ));

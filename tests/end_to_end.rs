@@ -106,6 +106,19 @@ async fn send_device_batches(client: reqwest::Client, base: String, device: usiz
     acknowledged
 }
 
+/// Sends the batches of every device at once, each device's in order, and records what the
+/// server acknowledged.
+async fn send_all_devices(client: &reqwest::Client, base: &str) -> Acknowledged {
+    let tasks: Vec<_> = (0..DEVICES)
+        .map(|device| tokio::spawn(send_device_batches(client.clone(), base.to_owned(), device)))
+        .collect();
+    let mut acknowledged = Acknowledged::new();
+    for task in tasks {
+        acknowledged.extend(task.await.unwrap());
+    }
+    acknowledged
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -142,14 +155,7 @@ async fn every_acknowledged_item_is_written_once() {
     let server = Server::start(output.path(), &["--max-body-bytes", "65536"]);
     let base = server.url("");
     let client = reqwest::Client::new();
-
-    let tasks: Vec<_> = (0..DEVICES)
-        .map(|device| tokio::spawn(send_device_batches(client.clone(), base.clone(), device)))
-        .collect();
-    let mut acknowledged = Acknowledged::new();
-    for task in tasks {
-        acknowledged.extend(task.await.unwrap());
-    }
+    let acknowledged = send_all_devices(&client, &base).await;
 
     // Malformed input: each gets its 4xx, and nothing of it is stored.
     let deep = format!(
@@ -261,6 +267,44 @@ async fn every_acknowledged_item_is_written_once() {
         .unwrap()
         .collect();
     assert!(staging.is_empty(), "no file is left in staging");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_thread_count_writes_each_item_once() {
+    for threads in [1, 3] {
+        let output = tempfile::tempdir().unwrap();
+        let count = threads.to_string();
+        let server = Server::start(output.path(), &["--http-threads", &count]);
+
+        let client = reqwest::Client::new();
+        let acknowledged = send_all_devices(&client, &server.url("")).await;
+        assert_eq!(http_threads(server.pid()), threads, "threads named http-N");
+
+        let (status, log) = server.interrupt_and_wait(EXIT_TIMEOUT);
+        assert!(
+            status.success(),
+            "{threads} threads: exit status {status}; log:\n{log}"
+        );
+        let files = read_output_checked(output.path());
+        assert_eq!(
+            count_items(&files),
+            acknowledged,
+            "{threads} threads: every acknowledged item exactly once"
+        );
+    }
+}
+
+/// Returns how many threads of process `pid` are named `http-` and a number.
+fn http_threads(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| {
+            name.trim_end()
+                .strip_prefix("http-")
+                .is_some_and(|index| index.parse::<usize>().is_ok())
+        })
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
