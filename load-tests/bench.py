@@ -7,7 +7,8 @@ body and responds with 200), drives both with the same wrk script, and reports:
 - throughput ratio server/floor at 1 and at 20 impressions per batch (median of --repeat runs);
 - p50 and p99 latency at about half the server's maximum rate, with 20 impressions per batch;
 - resident memory per active session with --sessions sessions, against their encoded Avro size;
-- the time from SIGINT to exit with those sessions active, writing to a local directory.
+- the time from SIGINT to exit with those sessions active, writing to a local directory;
+- CPU time per request of the server, the floor and wrk, and wrk's share of a core.
 
     python3 load-tests/bench.py
     python3 load-tests/bench.py --duration 10 --repeat 3 --sessions 100000 --json out.json
@@ -20,6 +21,7 @@ import glob
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -215,12 +217,22 @@ class running:
 def wrk(addr, connections, duration, script_args, threads=1):
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
                "-s", str(WRK_SCRIPT), f"http://{addr}", "--", *map(str, script_args)]
+    started = time.monotonic()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     completed = subprocess.run(command, capture_output=True, text=True, check=True,
                                timeout=duration + 60)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed = time.monotonic() - started
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"wrk printed no summary: {completed.stdout}{completed.stderr}")
     result = json.loads(lines[-1])
+    # wrk shares the cores with the server it drives, so its own CPU bounds the rate: the
+    # figures show how much of a core it got and what one request cost it.
+    wrk_cpu = ((children_after.ru_utime + children_after.ru_stime)
+               - (children_before.ru_utime + children_before.ru_stime))
+    result["wrk_cpu_us_per_request"] = round(wrk_cpu * 1e6 / max(result["requests"], 1), 1)
+    result["wrk_core_share"] = round(wrk_cpu / elapsed, 2)
     if result["not_200"] or result["errors"]:
         log(f"warning: {result['not_200']} answers were not 200, {result['errors']} errors")
     return result
@@ -272,10 +284,28 @@ def print_table(report):
         print(f"| {impressions} | {floor_rps:.0f} | {server_rps:.0f} | "
               f"{server_rps / floor_rps:.2f} | {floor_cpu:.1f} | {server_cpu:.1f} | "
               f"{floor_cpu / server_cpu:.2f} |")
+    if runs:
+        print_load_generator(runs)
     if "paced" in report:
         print_paced(report["paced"])
     if "sessions" in report:
         print_sessions(report["sessions"])
+
+
+def print_load_generator(runs):
+    print()
+    print("| impressions per batch | wrk CPU us/req, floor | wrk CPU us/req, server "
+          "| wrk's share of a core, floor | wrk's share of a core, server |")
+    print("| --- | --- | --- | --- | --- |")
+    def median(key, results):
+        return statistics.median(r[key] for r in results)
+
+    for impressions in (1, 20):
+        floor = runs[f"floor_{impressions}"]
+        server = runs[f"server_{impressions}"]
+        print(f"| {impressions} | {median('wrk_cpu_us_per_request', floor):.1f} | "
+              f"{median('wrk_cpu_us_per_request', server):.1f} | "
+              f"{median('wrk_core_share', floor):.2f} | {median('wrk_core_share', server):.2f} |")
 
 
 def print_paced(paced):
