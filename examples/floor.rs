@@ -1,8 +1,10 @@
 //! The HTTP floor: the least a server can do for a `POST /v1/collect` request on this machine.
 //!
 //! It reads the whole body and responds `200` with a fixed body shaped like the real response,
-//! on the same stack as the real server (axum, hyper, a multi-threaded tokio runtime), and does
-//! nothing else. It uses the server's allocator. Load benchmarks compare the real server's
+//! on the same stack as the real server (axum, hyper, tokio), and does nothing else. It uses the
+//! server's allocator. It runs on axum's default multi-threaded runtime, where the server serves
+//! connections on threads of its own: a floor on two single-threaded runtimes served fewer
+//! requests a second (`docs/benchmarks.md`). Load benchmarks compare the real server's
 //! throughput against it in the same run.
 //!
 //! ```text
