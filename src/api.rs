@@ -6,18 +6,20 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{self, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::future::Either;
 use serde::Serialize;
 use serde_json::json;
-use tower::ServiceBuilder;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower::{Layer, Service, ServiceBuilder};
+use tower_http::cors::{self, AllowOrigin, Cors, CorsLayer};
 use tower_http::trace::TraceLayer;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -143,10 +145,60 @@ pub fn app(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(trace)
-                .layer(cors)
+                .layer(BrowserCorsLayer(cors))
                 .layer(middleware::from_fn_with_state(state.clone(), count_request)),
         )
         .with_state(state)
+}
+
+/// Applies CORS only to requests with an `Origin` header, which a browser sends with every
+/// request to another origin. Other clients get no CORS headers, and their requests skip the
+/// header map that the CORS layer builds for every request. Their responses also lack
+/// `Vary: Origin`, which matters only to a shared cache, and no route sets caching headers.
+#[derive(Clone)]
+struct BrowserCorsLayer(CorsLayer);
+
+/// The service of [`BrowserCorsLayer`]: the same inner service with and without CORS.
+#[derive(Clone)]
+struct BrowserCors<S> {
+    cors: Cors<S>,
+    plain: S,
+}
+
+impl<S: Clone> Layer<S> for BrowserCorsLayer {
+    type Service = BrowserCors<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BrowserCors {
+            cors: self.0.layer(inner.clone()),
+            plain: inner,
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for BrowserCors<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = Either<cors::ResponseFuture<S::Future>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Either may take the request, so both must be ready. Both are clones of one router
+        // service, which is always ready.
+        ready!(self.cors.poll_ready(cx))?;
+        self.plain.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        if request.headers().contains_key(header::ORIGIN) {
+            Either::Left(self.cors.call(request))
+        } else {
+            Either::Right(self.plain.call(request))
+        }
+    }
 }
 
 async fn collect(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -381,6 +433,10 @@ mod tests {
 
     impl Harness {
         fn new() -> Self {
+            Self::with_cors_origins(CorsOrigins::Any)
+        }
+
+        fn with_cors_origins(cors_origins: CorsOrigins) -> Self {
             let closed = Arc::new(Mutex::new(Vec::new()));
             let limits = SessionLimits {
                 timeout: Duration::from_secs(1800),
@@ -393,7 +449,7 @@ mod tests {
                 body_read_timeout: Duration::from_secs(5),
                 limits: crate::limits::BatchLimits::default(),
                 write_keys: Vec::new(),
-                cors_origins: CorsOrigins::Any,
+                cors_origins,
                 trusted_proxies: Vec::new(),
                 ip_mode: crate::config::IpMode::Full,
             };
@@ -450,6 +506,45 @@ mod tests {
         assert_eq!(body["duplicates"], 0);
         assert!(uuid::Uuid::parse_str(body["sessionId"].as_str().unwrap()).is_ok());
         assert_eq!(harness.stored_items(), 2);
+    }
+
+    /// Returns the CORS headers of `headers` and `Vary`, as name and value.
+    fn cors_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+        let cors = headers.iter().filter(|(name, _)| {
+            name.as_str().starts_with("access-control-") || *name == header::VARY
+        });
+        cors.map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn requests_without_origin_get_no_cors_headers() {
+        let harness = Harness::new();
+        let request = HttpRequest::post("/v1/collect")
+            .body(Body::from(VALID))
+            .unwrap();
+        let (status, headers, _) = harness.send(request).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(cors_headers(&headers), []);
+    }
+
+    #[tokio::test]
+    async fn origins_not_listed_are_not_allowed() {
+        let origins = CorsOrigins::List(vec!["https://shop.example".to_owned()]);
+        let harness = Harness::with_cors_origins(origins);
+        for (origin, allowed) in [
+            ("https://shop.example", true),
+            ("https://other.example", false),
+        ] {
+            let request = HttpRequest::post("/v1/collect")
+                .header(header::ORIGIN, origin)
+                .body(Body::from(VALID))
+                .unwrap();
+            let (status, headers, _) = harness.send(request).await;
+            assert_eq!(status, StatusCode::OK, "{origin}");
+            let allow_origin = headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+            assert_eq!(allow_origin.is_some(), allowed, "{origin}");
+        }
     }
 
     #[tokio::test]
@@ -641,6 +736,7 @@ mod tests {
             headers[header::ACCESS_CONTROL_EXPOSE_HEADERS],
             "retry-after"
         );
+        assert!(headers.contains_key(header::VARY));
     }
 
     /// Returns the value of the sample `series` (name and labels as rendered) in `text`.
