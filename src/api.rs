@@ -476,6 +476,20 @@ mod tests {
             (status, headers, body)
         }
 
+        /// Posts the valid batch with one more header and returns the status and headers.
+        async fn collect_valid_with(
+            &self,
+            name: HeaderName,
+            value: &str,
+        ) -> (StatusCode, HeaderMap) {
+            let request = HttpRequest::post("/v1/collect")
+                .header(name, value)
+                .body(Body::from(VALID))
+                .unwrap();
+            let (status, headers, _) = self.send(request).await;
+            (status, headers)
+        }
+
         async fn collect(&self, body: impl Into<Body>) -> (StatusCode, Value) {
             let request = HttpRequest::post("/v1/collect").body(body.into()).unwrap();
             let (status, _, body) = self.send(request).await;
@@ -536,11 +550,7 @@ mod tests {
             ("https://shop.example", true),
             ("https://other.example", false),
         ] {
-            let request = HttpRequest::post("/v1/collect")
-                .header(header::ORIGIN, origin)
-                .body(Body::from(VALID))
-                .unwrap();
-            let (status, headers, _) = harness.send(request).await;
+            let (status, headers) = harness.collect_valid_with(header::ORIGIN, origin).await;
             assert_eq!(status, StatusCode::OK, "{origin}");
             let allow_origin = headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN);
             assert_eq!(allow_origin.is_some(), allowed, "{origin}");
@@ -555,11 +565,9 @@ mod tests {
             "text/plain;charset=UTF-8",
             "application/x-www-form-urlencoded",
         ] {
-            let request = HttpRequest::post("/v1/collect")
-                .header(header::CONTENT_TYPE, content_type)
-                .body(Body::from(VALID))
-                .unwrap();
-            let (status, _, _) = harness.send(request).await;
+            let (status, _) = harness
+                .collect_valid_with(header::CONTENT_TYPE, content_type)
+                .await;
             assert_eq!(status, StatusCode::OK, "{content_type}");
         }
     }
@@ -722,11 +730,9 @@ mod tests {
     #[tokio::test]
     async fn response_exposes_retry_after() {
         let harness = Harness::new();
-        let request = HttpRequest::post("/v1/collect")
-            .header(header::ORIGIN, "https://shop.example")
-            .body(Body::from(VALID))
-            .unwrap();
-        let (status, headers, _) = harness.send(request).await;
+        let (status, headers) = harness
+            .collect_valid_with(header::ORIGIN, "https://shop.example")
+            .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],

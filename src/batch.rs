@@ -517,14 +517,19 @@ impl<'a> MapEntries<'a> {
     /// Avro map has none. A few keys are compared pair by pair, which costs less than sorting
     /// them when no key repeats.
     fn into_item_map(self) -> StringMap<'a> {
-        let entries = &self.0;
-        let repeats = entries.len() > PAIRWISE_KEYS
-            || (1..entries.len()).any(|i| entries[..i].iter().any(|(key, _)| *key == entries[i].0));
-        if repeats {
-            self.into_sorted_map()
-        } else {
-            StringMap(self.0)
+        if self.0.len() > PAIRWISE_KEYS || self.has_repeated_key() {
+            return self.into_sorted_map();
         }
+        StringMap(self.0)
+    }
+
+    /// Returns whether a key appears more than once, comparing every pair of entries.
+    fn has_repeated_key(&self) -> bool {
+        let entries = &self.0;
+        (1..entries.len()).any(|later| {
+            let key = &entries[later].0;
+            entries[..later].iter().any(|(earlier, _)| earlier == key)
+        })
     }
 
     /// Returns the entries sorted by key, each key once.

@@ -47,7 +47,7 @@ struct ConnectionThread {
     runtime: Handle,
     /// Connections handed to this thread and not yet closed.
     open: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
+    thread: JoinHandle<()>,
 }
 
 /// Counts a connection as open on its thread until dropped, with the task that serves it.
@@ -99,8 +99,7 @@ pub async fn serve(
         };
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        threads.spawn(move |open| async move {
-            let _open = open;
+        threads.spawn(async move {
             let stream = match TcpStream::from_std(stream) {
                 Ok(stream) => stream,
                 Err(err) => {
@@ -144,19 +143,15 @@ impl ConnectionThreads {
             threads.threads.push(ConnectionThread {
                 runtime: handle,
                 open: Arc::new(AtomicUsize::new(0)),
-                thread: Some(thread),
+                thread,
             });
         }
         Ok(threads)
     }
 
-    /// Spawns the task that `serve` makes on the thread with the fewest open connections, the
-    /// first of them on a tie. The task counts as open there until it ends or is dropped.
-    fn spawn<F, T>(&self, serve: F)
-    where
-        F: FnOnce(OpenConnection) -> T,
-        T: Future<Output = ()> + Send + 'static,
-    {
+    /// Spawns `task` on the thread with the fewest open connections, the first of them on a tie.
+    /// The task counts as open there until it ends or is dropped.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
         let Some(thread) = self
             .threads
             .iter()
@@ -165,21 +160,19 @@ impl ConnectionThreads {
             return;
         };
         thread.open.fetch_add(1, Ordering::Relaxed);
-        thread
-            .runtime
-            .spawn(serve(OpenConnection(thread.open.clone())));
+        let open = OpenConnection(thread.open.clone());
+        thread.runtime.spawn(async move {
+            let _open = open;
+            task.await;
+        });
     }
 
     /// Stops every thread and waits until each has ended.
     async fn join(mut self) {
         self.stop.cancel();
-        let threads: Vec<JoinHandle<()>> = self
-            .threads
-            .iter_mut()
-            .filter_map(|thread| thread.thread.take())
-            .collect();
+        let threads = std::mem::take(&mut self.threads);
         let joined = tokio::task::spawn_blocking(move || {
-            for thread in threads {
+            for ConnectionThread { thread, .. } in threads {
                 if thread.join().is_err() {
                     warn!("a connection thread panicked");
                 }
@@ -217,8 +210,7 @@ mod tests {
     ) -> oneshot::Sender<()> {
         let (release_tx, release_rx) = oneshot::channel::<()>();
         let names = names.clone();
-        threads.spawn(move |open| async move {
-            let _open = open;
+        threads.spawn(async move {
             let name = std::thread::current().name().unwrap_or_default().to_owned();
             names.send(name).unwrap();
             let _ = release_rx.await;
