@@ -10,6 +10,10 @@ body and responds with 200), drives both with the same wrk script, and reports:
 - the time from SIGINT to exit with those sessions active, writing to a local directory;
 - CPU time per request of the server, the floor and wrk, and wrk's share of a core.
 
+By default wrk runs on the first CPU the script may use and the servers on the others, so that
+the load generator and the server under test do not compete for CPU time. `--cores
+shared` lets all of them run on every CPU instead.
+
     python3 load-tests/bench.py
     python3 load-tests/bench.py --duration 10 --repeat 3 --sessions 100000 --json out.json
 
@@ -58,13 +62,15 @@ def main():
     release = ROOT / "target" / "release"
     server_bin, floor_bin = release / "impression-server", release / "examples" / "floor"
 
+    layout = Layout.choose(args.cores)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "cores": os.cpu_count(), "load_before": load_average()}
+              "cores": os.cpu_count(), "layout": layout.describe(),
+              "load_before": load_average()}
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         work = Path(work)
         if "throughput" in parts:
-            report["runs"] = throughput(server_bin, floor_bin, work, args)
+            report["runs"] = throughput(server_bin, floor_bin, work, layout, args)
         if "latency" in parts:
             if args.paced_rate:
                 rate = args.paced_rate
@@ -74,11 +80,11 @@ def main():
                 sys.exit("bench: --parts latency without throughput needs --paced-rate")
             report["paced"] = {}
             for name, binary in (("floor", floor_bin), ("server", server_bin)):
-                report["paced"][name] = paced(binary, name == "server", work, rate,
+                report["paced"][name] = paced(binary, name == "server", work, layout, rate,
                                               args.duration, args.paced_delay_ms)
                 log(f"{name} paced: {report['paced'][name]}")
         if "sessions" in parts:
-            report["sessions"] = sessions_run(server_bin, work, args.sessions)
+            report["sessions"] = sessions_run(server_bin, work, layout, args.sessions)
             log(f"sessions: {report['sessions']}")
     report["load_after"] = load_average()
 
@@ -93,6 +99,9 @@ def parse_args():
     parser.add_argument("--repeat", type=int, default=3, help="runs per maximum-rate figure")
     parser.add_argument("--sessions", type=int, default=100_000,
                         help="active sessions for the memory and shutdown figures")
+    parser.add_argument("--cores", choices=("split", "shared"), default="split",
+                        help="split: wrk on the first CPU, the servers on the others (default); "
+                             "shared: all of them on every CPU")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--parts", default="throughput,latency,sessions",
                         help="comma-separated figures to take (default: all three)")
@@ -105,7 +114,33 @@ def parse_args():
     return parser.parse_args()
 
 
-def throughput(server_bin, floor_bin, work, args):
+class Layout:
+    """The CPUs that wrk and the servers under test may run on; None for every CPU."""
+
+    def __init__(self, load, servers):
+        self.load, self.servers = load, servers
+
+    @staticmethod
+    def choose(cores):
+        if cores == "shared":
+            return Layout(None, None)
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            sys.exit("bench: --cores split needs at least 2 CPUs; use --cores shared")
+        return Layout({allowed[0]}, set(allowed[1:]))
+
+    def describe(self):
+        if self.load is None:
+            return "wrk and the servers share every CPU"
+        return (f"wrk on CPU {cpu_list(self.load)}, "
+                f"the servers on CPU {cpu_list(self.servers)}")
+
+
+def cpu_list(cpus):
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def throughput(server_bin, floor_bin, work, layout, args):
     """Runs floor and server alternately at their maximum rate, --repeat times each."""
     runs = {}
     for impressions in (1, 20):
@@ -114,24 +149,25 @@ def throughput(server_bin, floor_bin, work, args):
         for attempt in range(args.repeat):
             # Alternate the two, so a change in the machine's load hits both alike.
             for name, binary in (("floor", floor_bin), ("server", server_bin)):
-                result = max_rate(binary, name == "server", work, impressions, args.duration,
-                                  f"r{impressions}x{attempt}")
+                result = max_rate(binary, name == "server", work, layout, impressions,
+                                  args.duration, f"r{impressions}x{attempt}")
                 runs[f"{name}_{impressions}"].append(result)
                 log(f"{name} {impressions} impressions: {result['rps']:.0f} req/s")
     return runs
 
 
-def max_rate(binary, is_server, work, impressions, duration, run_id):
-    with running(binary, is_server, work) as (addr, process):
+def max_rate(binary, is_server, work, layout, impressions, duration, run_id):
+    with running(binary, is_server, work, layout) as (addr, process):
         cpu_before = cpu_seconds(process.pid)
-        result = wrk(addr, MAX_RATE_CONNECTIONS, duration, [impressions, 0, 5000, 0, 0, run_id])
+        result = wrk(addr, layout, MAX_RATE_CONNECTIONS, duration,
+                     [impressions, 0, 5000, 0, 0, run_id])
         cpu = cpu_seconds(process.pid) - cpu_before
     # CPU time per request depends less on what else the shared machine runs than the rate does.
     result["cpu_us_per_request"] = round(cpu * 1e6 / max(result["requests"], 1), 1)
     return result
 
 
-def paced(binary, is_server, work, rate, duration, delay_ms):
+def paced(binary, is_server, work, layout, rate, duration, delay_ms):
     """Runs at about `rate` requests a second with 20 impressions a batch.
 
     Each connection waits `delay_ms` after a response, so it sends fewer requests a second
@@ -144,25 +180,25 @@ def paced(binary, is_server, work, rate, duration, delay_ms):
         return [20, 0, 5000, delay_ms, 0, run_id]
 
     connections = max(1, round(rate * delay_ms / 1000))
-    with running(binary, is_server, work) as (addr, _):
-        trial = wrk(addr, connections, PACED_TRIAL_SECONDS, script_args("paced-trial"))
+    with running(binary, is_server, work, layout) as (addr, _):
+        trial = wrk(addr, layout, connections, PACED_TRIAL_SECONDS, script_args("paced-trial"))
         per_connection = max(trial["rps"] / connections, 1.0)
         connections = max(1, round(rate / per_connection))
-        result = wrk(addr, connections, duration, script_args("paced"))
+        result = wrk(addr, layout, connections, duration, script_args("paced"))
     result["target_rps"] = round(rate)
     result["connections"] = connections
     return result
 
 
-def sessions_run(binary, work, sessions):
+def sessions_run(binary, work, layout, sessions):
     """Opens `sessions` sessions, measures resident memory, then the SIGINT to exit time."""
     output = work / "sessions-output"
-    with running(binary, True, work, output=output, ) as (addr, server):
+    with running(binary, True, work, layout, output=output) as (addr, server):
         time.sleep(0.5)
         rss_before = resident_bytes(server.pid)
         # One request per device; the first `sessions` responses open one session each.
-        wrk(addr, 16, 120, [SESSION_IMPRESSIONS, SESSION_EVENTS, sessions, 0, sessions, "mem"],
-            threads=1)
+        wrk(addr, layout, 16, 120,
+            [SESSION_IMPRESSIONS, SESSION_EVENTS, sessions, 0, sessions, "mem"])
         active = json.loads(http_get(addr, "/v1/sessions/count"))["activeSessions"]
         time.sleep(1)
         rss_after = resident_bytes(server.pid)
@@ -195,8 +231,8 @@ def sessions_run(binary, work, sessions):
 class running:
     """Starts a server on 127.0.0.1 and stops it on leaving; yields its address and process."""
 
-    def __init__(self, binary, is_server, work, output=None):
-        self.binary, self.is_server, self.work = binary, is_server, work
+    def __init__(self, binary, is_server, work, layout, output=None):
+        self.binary, self.is_server, self.work, self.layout = binary, is_server, work, layout
         self.output = output or Path(tempfile.mkdtemp(dir=work, prefix="output-"))
 
     def __enter__(self):
@@ -207,28 +243,28 @@ class running:
             command = [str(self.binary), "127.0.0.1:0"]
         log_path = Path(tempfile.mkdtemp(dir=self.work, prefix="server-")) / "server.log"
         env = dict(os.environ, RUST_LOG="warn,impression_server=info")
-        self.process, addr = harness.start(command, log_path, env=env)
+        self.process, addr = harness.start(command, log_path, env=env, cpus=self.layout.servers)
         return addr, self.process
 
     def __exit__(self, *exc):
         harness.stop(self.process)
 
 
-def wrk(addr, connections, duration, script_args, threads=1):
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
+def wrk(addr, layout, connections, duration, script_args):
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
                "-s", str(WRK_SCRIPT), f"http://{addr}", "--", *map(str, script_args)]
     started = time.monotonic()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     completed = subprocess.run(command, capture_output=True, text=True, check=True,
-                               timeout=duration + 60)
+                               timeout=duration + 60, preexec_fn=harness.pin_to(layout.load))
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     elapsed = time.monotonic() - started
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"wrk printed no summary: {completed.stdout}{completed.stderr}")
     result = json.loads(lines[-1])
-    # wrk shares the cores with the server it drives, so its own CPU bounds the rate: the
-    # figures show how much of a core it got and what one request cost it.
+    # wrk's one thread bounds the rate it can send: the figures show how much of a core it got
+    # and what one request cost it.
     wrk_cpu = ((children_after.ru_utime + children_after.ru_stime)
                - (children_before.ru_utime + children_before.ru_stime))
     result["wrk_cpu_us_per_request"] = round(wrk_cpu * 1e6 / max(result["requests"], 1), 1)
@@ -266,7 +302,7 @@ def log(message):
 
 
 def print_table(report):
-    print(f"date {report['date']}, {report['cores']} cores, "
+    print(f"date {report['date']}, {report['cores']} cores, {report['layout']}, "
           f"load average before {report['load_before']}, after {report['load_after']}")
     runs = report.get("runs")
     if runs:

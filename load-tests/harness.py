@@ -1,5 +1,6 @@
 """Starting and stopping the servers under test, shared by zero_loss.py and bench.py."""
 
+import os
 import re
 import signal
 import subprocess
@@ -11,15 +12,16 @@ START_TIMEOUT_SECONDS = 30
 EXIT_TIMEOUT_SECONDS = 120
 
 
-def start(command, log_path, env=None):
+def start(command, log_path, env=None, cpus=None):
     """Starts `command`, which logs `listening addr=HOST:PORT`; returns the process and address.
 
-    Output goes to `log_path`. Raises RuntimeError, after killing the process, when it exits or
-    logs no address within START_TIMEOUT_SECONDS.
+    Output goes to `log_path`. With `cpus`, a set of CPU numbers, the process runs only on those.
+    Raises RuntimeError, after killing the process, when it exits or logs no address within
+    START_TIMEOUT_SECONDS.
     """
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   env=env)
+                                   env=env, preexec_fn=pin_to(cpus))
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         match = LISTENING.search(Path(log_path).read_text(errors="replace"))
@@ -33,6 +35,13 @@ def start(command, log_path, env=None):
         process.wait()
     raise RuntimeError(f"{command[0]} did not start (exit status {process.returncode}):\n"
                        f"{Path(log_path).read_text(errors='replace')}")
+
+
+def pin_to(cpus):
+    """Returns a function for `preexec_fn` that keeps the new process on `cpus`, or None."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def stop(process):
