@@ -47,6 +47,10 @@ MAX_RATE_CONNECTIONS = 32
 PACED_DELAY_MS = 2
 # Seconds of the run that measures the rate of one paced connection.
 PACED_TRIAL_SECONDS = 3
+# Sessions a second that the sessions run allows for, to bound its wrk run: wrk stops sending
+# once every session is open but runs to the end of its duration. With the CPUs split, 100,000
+# sessions opened in about 3 s on a 2-core machine, more than 15 times this rate.
+MIN_SESSIONS_PER_SECOND = 2_000
 # Items of one benchmark session: what one k6 visit leaves (a page of 5, one reply, 3 events).
 SESSION_IMPRESSIONS = 6
 SESSION_EVENTS = 3
@@ -54,6 +58,7 @@ SESSION_EVENTS = 3
 
 def main():
     args = parse_args()
+    layout = Layout.choose(args.cores)
     log("building release binaries (a few minutes the first time)")
     # Two builds: one that includes an example also enables the features of the development
     # dependencies, so the server would not be the binary that users build.
@@ -62,9 +67,8 @@ def main():
     release = ROOT / "target" / "release"
     server_bin, floor_bin = release / "impression-server", release / "examples" / "floor"
 
-    layout = Layout.choose(args.cores)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "cores": os.cpu_count(), "layout": layout.describe(),
+              "cores": len(os.sched_getaffinity(0)), "layout": layout.describe(),
               "load_before": load_average()}
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
@@ -115,7 +119,8 @@ def parse_args():
 
 
 class Layout:
-    """The CPUs that wrk and the servers under test may run on; None for every CPU."""
+    """The CPUs that wrk and the servers under test may run on; None for every CPU this script
+    may use."""
 
     def __init__(self, load, servers):
         self.load, self.servers = load, servers
@@ -131,7 +136,7 @@ class Layout:
 
     def describe(self):
         if self.load is None:
-            return "wrk and the servers share every CPU"
+            return f"wrk and the servers share CPU {cpu_list(os.sched_getaffinity(0))}"
         return (f"wrk on CPU {cpu_list(self.load)}, "
                 f"the servers on CPU {cpu_list(self.servers)}")
 
@@ -197,9 +202,11 @@ def sessions_run(binary, work, layout, sessions):
         time.sleep(0.5)
         rss_before = resident_bytes(server.pid)
         # One request per device; the first `sessions` responses open one session each.
-        wrk(addr, layout, 16, 120,
+        wrk(addr, layout, 16, 5 + sessions // MIN_SESSIONS_PER_SECOND,
             [SESSION_IMPRESSIONS, SESSION_EVENTS, sessions, 0, sessions, "mem"])
         active = json.loads(http_get(addr, "/v1/sessions/count"))["activeSessions"]
+        if active < sessions:
+            log(f"warning: {active} of {sessions} sessions opened before wrk's run ended")
         time.sleep(1)
         rss_after = resident_bytes(server.pid)
         exit_status, exit_seconds = harness.stop(server)
@@ -302,7 +309,7 @@ def log(message):
 
 
 def print_table(report):
-    print(f"date {report['date']}, {report['cores']} cores, {report['layout']}, "
+    print(f"date {report['date']}, {report['layout']}, "
           f"load average before {report['load_before']}, after {report['load_after']}")
     runs = report.get("runs")
     if runs:
