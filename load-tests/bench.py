@@ -47,9 +47,9 @@ MAX_RATE_CONNECTIONS = 32
 PACED_DELAY_MS = 2
 # Seconds of the run that measures the rate of one paced connection.
 PACED_TRIAL_SECONDS = 3
-# Sessions a second that the sessions run allows for, to bound its wrk run: wrk stops sending
-# once every session is open but runs to the end of its duration. With the CPUs split, 100,000
-# sessions opened in about 3 s on a 2-core machine, more than 15 times this rate.
+# Slowest rate of opening sessions that the sessions run allows for. wrk stops sending once every
+# session is open but still runs to the end of its duration, so the duration is bounded by this
+# rate. With the CPUs split, 100,000 sessions opened in about 3 s on a 2-core machine.
 MIN_SESSIONS_PER_SECOND = 2_000
 # Items of one benchmark session: what one k6 visit leaves (a page of 5, one reply, 3 events).
 SESSION_IMPRESSIONS = 6
@@ -119,7 +119,7 @@ def parse_args():
 
 
 class Layout:
-    """The CPUs that wrk and the servers under test may run on; None for every CPU this script
+    """The CPUs that wrk and the servers under test may run on. None means every CPU this script
     may use."""
 
     def __init__(self, load, servers):
@@ -270,7 +270,7 @@ def wrk(addr, layout, connections, duration, script_args):
     if not lines:
         raise RuntimeError(f"wrk printed no summary: {completed.stdout}{completed.stderr}")
     result = json.loads(lines[-1])
-    # wrk's one thread bounds the rate it can send: the figures show how much of a core it got
+    # wrk's one thread bounds the rate it can send, so the figures show how much of a core it got
     # and what one request cost it.
     wrk_cpu = ((children_after.ru_utime + children_after.ru_stime)
                - (children_before.ru_utime + children_before.ru_stime))

@@ -38,7 +38,7 @@ def start(command, log_path, env=None, cpus=None):
 
 
 def pin_to(cpus):
-    """Returns a function for `preexec_fn` that keeps the new process on `cpus`, or None."""
+    """Returns a `preexec_fn` that keeps the new process on `cpus`, or None when `cpus` is None."""
     if cpus is None:
         return None
     return lambda: os.sched_setaffinity(0, cpus)
