@@ -47,6 +47,21 @@ enum Number {
     Float(f64),
 }
 
+/// A JSON number and what one pass over its text learned.
+#[derive(Debug, Clone, Copy)]
+struct ScannedNumber<'a> {
+    text: &'a str,
+    /// Whether the number has neither a fraction nor an exponent.
+    integer: bool,
+    /// The value of an integer of at most [`MAX_SMALL_INTEGER_DIGITS`] digits, except `-0`.
+    small_integer: Option<i64>,
+    /// Whether the text is already the one serde_json writes for the number's `f64`.
+    shortest_decimal: bool,
+}
+
+/// Most digits of an integer that fits both `i64` and `u64`, whatever its digits.
+const MAX_SMALL_INTEGER_DIGITS: usize = 18;
+
 /// Reads the text of a JSON number as serde_json does: an integer that fits as `u64` or `i64`,
 /// anything else as the `f64` serde_json itself reads from the text.
 fn read_number(text: &str, integer: bool) -> Option<Number> {
@@ -61,33 +76,6 @@ fn read_number(text: &str, integer: bool) -> Option<Number> {
     } else {
         Number::Signed(text.parse::<i64>().ok()?)
     })
-}
-
-/// Returns whether `text`, a JSON number with a fraction, is already the text serde_json writes
-/// for it, so it needs no reading and formatting. A decimal qualifies when it has no exponent,
-/// no trailing zero, a magnitude from 0.1 up and at most `f64::DIGITS` (15) significant digits.
-/// serde_json reads such a decimal exactly rounded. No other text of at most 15 digits reads as
-/// the same `f64`, so the shortest text that reads back is this one.
-fn is_shortest_decimal(text: &str) -> bool {
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    let Some((whole, fraction)) = digits.split_once('.') else {
-        return false;
-    };
-    if fraction.is_empty() || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
-        return false;
-    }
-    if fraction.ends_with('0') {
-        return false;
-    }
-    let significant = if whole == "0" {
-        if fraction.starts_with('0') {
-            return false;
-        }
-        fraction.len()
-    } else {
-        whole.len() + fraction.len()
-    };
-    significant <= f64::DIGITS as usize
 }
 
 /// Returns the index of the first of the eight bytes of `word`, read little-endian, that is a
@@ -189,53 +177,105 @@ impl<'a> Parser<'a> {
         self.text().map(Some)
     }
 
-    /// Reads a number with the JSON grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
-    /// Returns its text and whether it is an integer.
-    fn number(&mut self) -> Option<(&'a str, bool)> {
+    /// Reads a number with the JSON grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`,
+    /// in one pass that also fills in the rest of [`ScannedNumber`].
+    fn number(&mut self) -> Option<ScannedNumber<'a>> {
         self.skip_whitespace();
         let start = self.at;
-        let digits = |parser: &mut Self| {
-            let from = parser.at;
-            while parser.bytes.get(parser.at).is_some_and(u8::is_ascii_digit) {
-                parser.at += 1;
-            }
-            parser.at > from
-        };
-        if self.bytes.get(self.at) == Some(&b'-') {
+        let negative = self.bytes.get(self.at) == Some(&b'-');
+        if negative {
             self.at += 1;
         }
+        let whole_start = self.at;
+        let mut whole: u64 = 0;
         match self.bytes.get(self.at)? {
             b'0' => self.at += 1,
             b'1'..=b'9' => {
-                digits(self);
+                while let Some(&digit @ b'0'..=b'9') = self.bytes.get(self.at) {
+                    // Wraps only past 19 digits, and then the value is not used.
+                    whole = whole.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
+                    self.at += 1;
+                }
             }
             _ => return None,
         }
-        let mut integer = true;
+        let whole_digits = self.at - whole_start;
+        let mut fraction = None;
         if self.bytes.get(self.at) == Some(&b'.') {
             self.at += 1;
-            integer = false;
-            if !digits(self) {
+            let from = self.at;
+            if !self.digits() {
                 return None;
             }
+            fraction = Some((from, self.at));
         }
+        let mut exponent = false;
         if let Some(b'e' | b'E') = self.bytes.get(self.at) {
             self.at += 1;
-            integer = false;
+            exponent = true;
             if let Some(b'+' | b'-') = self.bytes.get(self.at) {
                 self.at += 1;
             }
-            if !digits(self) {
+            if !self.digits() {
                 return None;
             }
         }
-        Some((self.text.get(start..self.at)?, integer))
+        let text = self.text.get(start..self.at)?;
+        let integer = fraction.is_none() && !exponent;
+        // serde_json reads `-0` as the float -0.0, so it is not a small integer.
+        let small_integer = if integer && whole_digits <= MAX_SMALL_INTEGER_DIGITS {
+            let value = i64::try_from(whole).ok()?;
+            match (negative, value) {
+                (false, _) => Some(value),
+                (true, 0) => None,
+                (true, _) => Some(-value),
+            }
+        } else {
+            None
+        };
+        // A decimal is already the text serde_json writes for it when it has no exponent, no
+        // trailing zero, a magnitude from 0.1 up and at most `f64::DIGITS` (15) significant
+        // digits. serde_json reads such a decimal exactly rounded, and no other text of at most
+        // 15 digits reads as the same `f64`, so the shortest text that reads back is this one.
+        let shortest_decimal = match fraction {
+            Some((from, to)) if !exponent && self.bytes[to - 1] != b'0' => {
+                let significant = if whole_digits == 1 && self.bytes[whole_start] == b'0' {
+                    (self.bytes[from] != b'0').then_some(to - from)
+                } else {
+                    Some(whole_digits + to - from)
+                };
+                significant.is_some_and(|digits| digits <= f64::DIGITS as usize)
+            }
+            _ => false,
+        };
+        Some(ScannedNumber {
+            text,
+            integer,
+            small_integer,
+            shortest_decimal,
+        })
+    }
+
+    /// Takes a run of ASCII digits and returns whether there was at least one.
+    fn digits(&mut self) -> bool {
+        let from = self.at;
+        while self.bytes.get(self.at).is_some_and(u8::is_ascii_digit) {
+            self.at += 1;
+        }
+        self.at > from
     }
 
     /// Hands a number to `visitor` the way serde_json does.
     fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
-        let (text, integer) = self.number()?;
-        let visited: Result<V::Value, serde_json::Error> = match read_number(text, integer)? {
+        let scanned = self.number()?;
+        let number = match scanned.small_integer {
+            Some(value) => match u64::try_from(value) {
+                Ok(value) => Number::Unsigned(value),
+                Err(_) => Number::Signed(value),
+            },
+            None => read_number(scanned.text, scanned.integer)?,
+        };
+        let visited: Result<V::Value, serde_json::Error> = match number {
             Number::Unsigned(value) => visitor.visit_u64(value),
             Number::Signed(value) => visitor.visit_i64(value),
             Number::Float(value) => visitor.visit_f64(value),
@@ -246,8 +286,13 @@ impl<'a> Parser<'a> {
     /// Reads a number as the text serde_json writes for it, borrowed from the body when the body
     /// has that text already, as it has for an integer and for most decimals.
     fn number_text(&mut self) -> Option<Text<'a>> {
-        let (text, integer) = self.number()?;
-        if !integer && is_shortest_decimal(text) {
+        let ScannedNumber {
+            text,
+            integer,
+            small_integer,
+            shortest_decimal,
+        } = self.number()?;
+        if small_integer.is_some() || shortest_decimal {
             return Some(Cow::Borrowed(text));
         }
         let Number::Float(value) = read_number(text, integer)? else {
@@ -616,6 +661,45 @@ mod tests {
         serde_json::to_string(&value).unwrap()
     }
 
+    /// Scans `text`, which must be one JSON number and nothing else.
+    fn scan(text: &str) -> ScannedNumber<'_> {
+        let mut parser = Parser {
+            bytes: text.as_bytes(),
+            text,
+            at: 0,
+        };
+        let scanned = parser.number().unwrap();
+        assert_eq!(scanned.text, text);
+        scanned
+    }
+
+    /// Returns the value serde_json reads from `text` as an integer, `None` for a float.
+    fn serde_integer(text: &str) -> Option<i128> {
+        match serde_json::from_str::<serde_json::Number>(text).unwrap() {
+            number if number.is_u64() => number.as_u64().map(i128::from),
+            number => number.as_i64().map(i128::from),
+        }
+    }
+
+    #[test]
+    fn small_integers_are_what_serde_reads() {
+        for text in ["0", "7", "-7", "1733310000000", "999999999999999999"] {
+            let value = scan(text).small_integer.map(i128::from);
+            assert_eq!(value, serde_integer(text), "{text}");
+        }
+        // serde_json reads `-0` as a float. The others are too long or not integers, so the
+        // parser leaves them to serde_json's own reading.
+        for text in [
+            "-0",
+            "1000000000000000000",
+            "18446744073709551615",
+            "1.5",
+            "1e2",
+        ] {
+            assert_eq!(scan(text).small_integer, None, "{text}");
+        }
+    }
+
     #[test]
     fn shortest_decimals_are_what_serde_writes() {
         for text in [
@@ -625,7 +709,7 @@ mod tests {
             "3.14159265358979",
             "99999999999999.9",
         ] {
-            assert!(is_shortest_decimal(text), "{text}");
+            assert!(scan(text).shortest_decimal, "{text}");
             let value: f64 = serde_json::from_str(text).unwrap();
             assert_eq!(serde_text(value), text);
         }
@@ -639,7 +723,7 @@ mod tests {
             "0.1234567890123456",
             "1.0",
         ] {
-            assert!(!is_shortest_decimal(text), "{text}");
+            assert!(!scan(text).shortest_decimal, "{text}");
         }
     }
 
@@ -651,9 +735,16 @@ mod tests {
             fraction in "[0-9]{0,16}[1-9]",
         ) {
             let text = format!("{sign}{whole}.{fraction}");
-            if is_shortest_decimal(&text) {
+            if scan(&text).shortest_decimal {
                 let value: f64 = serde_json::from_str(&text).unwrap();
                 proptest::prop_assert_eq!(serde_text(value), text);
+            }
+        }
+
+        #[test]
+        fn every_small_integer_is_what_serde_reads(text in "-?(0|[1-9][0-9]{0,19})") {
+            if let Some(value) = scan(&text).small_integer {
+                proptest::prop_assert_eq!(Some(i128::from(value)), serde_integer(&text));
             }
         }
     }
