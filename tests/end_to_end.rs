@@ -371,3 +371,28 @@ fn unwritable_output_exits_1() {
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(stderr.contains("not writable"), "{stderr}");
 }
+
+/// At debug level each request has a span with its method and path, and tower-http logs its
+/// response. At the default level the trace layer is left out and neither appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_traced_only_at_debug_level() {
+    for (filter, traced) in [("debug", true), ("info", false)] {
+        let output = tempfile::tempdir().unwrap();
+        let server = Server::start_with_env(output.path(), &[], &[("RUST_LOG", filter)]);
+        let response = reqwest::get(server.url("/readyz?writeKey=hidden-key"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let (status, log) = server.interrupt_and_wait(EXIT_TIMEOUT);
+        assert!(status.success(), "exit status {status}; log:\n{log}");
+        let responded = log.lines().any(|line| {
+            line.contains("path=/readyz") && line.contains("finished processing request")
+        });
+        assert_eq!(responded, traced, "RUST_LOG={filter}; log:\n{log}");
+        // The span names the path without the query, which may carry a write key.
+        assert!(
+            !log.contains("hidden-key"),
+            "RUST_LOG={filter}; log:\n{log}"
+        );
+    }
+}
