@@ -122,8 +122,8 @@ class Layout:
     """The CPUs that wrk and the servers under test may run on. None means every CPU this script
     may use."""
 
-    def __init__(self, load, servers):
-        self.load, self.servers = load, servers
+    def __init__(self, generator, servers):
+        self.generator, self.servers = generator, servers
 
     @staticmethod
     def choose(cores):
@@ -135,9 +135,9 @@ class Layout:
         return Layout({allowed[0]}, set(allowed[1:]))
 
     def describe(self):
-        if self.load is None:
+        if self.generator is None:
             return f"wrk and the servers share CPU {cpu_list(os.sched_getaffinity(0))}"
-        return (f"wrk on CPU {cpu_list(self.load)}, "
+        return (f"wrk on CPU {cpu_list(self.generator)}, "
                 f"the servers on CPU {cpu_list(self.servers)}")
 
 
@@ -263,7 +263,7 @@ def wrk(addr, layout, connections, duration, script_args):
     started = time.monotonic()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     completed = subprocess.run(command, capture_output=True, text=True, check=True,
-                               timeout=duration + 60, preexec_fn=harness.pin_to(layout.load))
+                               timeout=duration + 60, preexec_fn=harness.pin_to(layout.generator))
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     elapsed = time.monotonic() - started
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]

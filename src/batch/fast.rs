@@ -59,8 +59,21 @@ struct ScannedNumber<'a> {
     shortest_decimal: bool,
 }
 
-/// Most digits of an integer that fits both `i64` and `u64`, whatever its digits.
+/// Maximum number of digits of an integer that always fits both `i64` and `u64`.
 const MAX_SMALL_INTEGER_DIGITS: usize = 18;
+
+impl ScannedNumber<'_> {
+    /// Reads the number as serde_json does, taking a small integer's value from the scan.
+    fn read(&self) -> Option<Number> {
+        match self.small_integer {
+            Some(value) => Some(match u64::try_from(value) {
+                Ok(value) => Number::Unsigned(value),
+                Err(_) => Number::Signed(value),
+            }),
+            None => read_number(self.text, self.integer),
+        }
+    }
+}
 
 /// Reads the text of a JSON number as serde_json does: an integer that fits as `u64` or `i64`,
 /// anything else as the `f64` serde_json itself reads from the text.
@@ -267,15 +280,7 @@ impl<'a> Parser<'a> {
 
     /// Hands a number to `visitor` the way serde_json does.
     fn visit_number<V: Visitor<'a>>(&mut self, visitor: V) -> Option<V::Value> {
-        let scanned = self.number()?;
-        let number = match scanned.small_integer {
-            Some(value) => match u64::try_from(value) {
-                Ok(value) => Number::Unsigned(value),
-                Err(_) => Number::Signed(value),
-            },
-            None => read_number(scanned.text, scanned.integer)?,
-        };
-        let visited: Result<V::Value, serde_json::Error> = match number {
+        let visited: Result<V::Value, serde_json::Error> = match self.number()?.read()? {
             Number::Unsigned(value) => visitor.visit_u64(value),
             Number::Signed(value) => visitor.visit_i64(value),
             Number::Float(value) => visitor.visit_f64(value),
@@ -286,16 +291,12 @@ impl<'a> Parser<'a> {
     /// Reads a number as the text serde_json writes for it, borrowed from the body when the body
     /// has that text already, as it has for an integer and for most decimals.
     fn number_text(&mut self) -> Option<Text<'a>> {
-        let ScannedNumber {
-            text,
-            integer,
-            small_integer,
-            shortest_decimal,
-        } = self.number()?;
-        if small_integer.is_some() || shortest_decimal {
+        let scanned = self.number()?;
+        let text = scanned.text;
+        if scanned.small_integer.is_some() || scanned.shortest_decimal {
             return Some(Cow::Borrowed(text));
         }
-        let Number::Float(value) = read_number(text, integer)? else {
+        let Number::Float(value) = scanned.read()? else {
             // JSON has no leading zeros, so an integer that fits is written back as its digits.
             return Some(Cow::Borrowed(text));
         };
