@@ -47,7 +47,7 @@ enum Number {
     Float(f64),
 }
 
-/// A JSON number and what one pass over its text learned.
+/// A JSON number's text and the facts that one pass over it found.
 #[derive(Debug, Clone, Copy)]
 struct ScannedNumber<'a> {
     text: &'a str,
@@ -205,7 +205,7 @@ impl<'a> Parser<'a> {
             b'0' => self.at += 1,
             b'1'..=b'9' => {
                 while let Some(&digit @ b'0'..=b'9') = self.bytes.get(self.at) {
-                    // Wraps only past 19 digits, and then the value is not used.
+                    // Overflows only past 19 digits, and the value is used only up to 18.
                     whole = whole.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
                     self.at += 1;
                 }
@@ -246,10 +246,8 @@ impl<'a> Parser<'a> {
         } else {
             None
         };
-        // A decimal is already the text serde_json writes for it when it has no exponent, no
-        // trailing zero, a magnitude from 0.1 up and at most `f64::DIGITS` (15) significant
-        // digits. serde_json reads such a decimal exactly rounded, and no other text of at most
-        // 15 digits reads as the same `f64`, so the shortest text that reads back is this one.
+        // A decimal with no exponent, no trailing zero, a magnitude from 0.1 up and at most 15
+        // significant digits (`f64::DIGITS`) is already the text serde_json writes for its `f64`.
         let shortest_decimal = match fraction {
             Some((from, to)) if !exponent && self.bytes[to - 1] != b'0' => {
                 let significant = if whole_digits == 1 && self.bytes[whole_start] == b'0' {
